@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`. Both run the
+# idempotent setup first (Debian packages, TimescaleDB, .venv).
+.PHONY: setup demo test lint bench
+
+VENV := .venv/bin
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/eldersafe demo
+
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/mypy
+	$(VENV)/eldersafe schemas --check
+
+test: lint
+	$(VENV)/pytest -q
+
+bench: setup
+	$(VENV)/python bench/ingest.py
+	$(VENV)/python bench/edge.py

@@ -1,0 +1,1 @@
+"""eldersafe gateway package."""

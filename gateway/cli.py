@@ -1,0 +1,123 @@
+"""The ``eldersafe`` command: one subcommand per process or administrative task."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from gateway.config import Settings
+
+    return Settings()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from gateway.db.migrate import migrate
+
+    settings = _settings()
+    applied = migrate(args.database_url or settings.database_url)
+    print(f"migrations applied: {applied or 'none (up to date)'}")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from gateway.server import run_server
+
+    run_server(_settings())
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from gateway.contract import schemas_io
+
+    if args.check:
+        stale = [
+            name
+            for name, text in schemas_io.render().items()
+            if not (schemas_io.SCHEMA_DIR / name).exists()
+            or (schemas_io.SCHEMA_DIR / name).read_text() != text
+        ]
+        if stale:
+            print(f"schemas out of date: {stale}; run 'eldersafe schemas'", file=sys.stderr)
+            return 1
+        print("schemas up to date")
+        return 0
+    for path in schemas_io.write():
+        print(path)
+    return 0
+
+
+def cmd_gateway_add(args: argparse.Namespace) -> int:
+    from gateway.registry import add_gateway
+
+    password = add_gateway(_settings().database_url, args.id, args.site)
+    print(f"gateway {args.id} (site {args.site}) password: {password}")
+    return 0
+
+
+def cmd_broker_files(args: argparse.Namespace) -> int:
+    from gateway.broker_auth import write_broker_files
+    from gateway.registry import broker_accounts
+
+    settings = _settings()
+    accounts = broker_accounts(
+        settings.database_url, settings.mqtt_username, settings.mqtt_password
+    )
+    write_broker_files(accounts, Path(args.password_file), Path(args.acl_file))
+    print(f"{len(accounts)} broker accounts written; reload the broker (SIGHUP)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(Path(args.state_dir), seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eldersafe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="apply pending database migrations")
+    p.add_argument("--database-url")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("server", help="run ingest, retention and metrics")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("schemas", help="write (or --check) the payload JSON Schemas")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(func=cmd_schemas)
+
+    p = sub.add_parser("gateway-add", help="register a gateway and print its broker password")
+    p.add_argument("--id", required=True)
+    p.add_argument("--site", required=True)
+    p.set_defaults(func=cmd_gateway_add)
+
+    p = sub.add_parser("broker-files", help="write Mosquitto's password and ACL files")
+    p.add_argument("--password-file", required=True)
+    p.add_argument("--acl-file", required=True)
+    p.set_defaults(func=cmd_broker_files)
+
+    p = sub.add_parser("demo", help="run the local demo (own broker and database)")
+    p.add_argument("--state-dir", default=".local/demo")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""One settings object for every process, read from ``ELDERSAFE_*`` environment variables.
+
+Outside the demo it refuses the demo's default secrets, so a production
+server cannot start with a password that is printed in this repository.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_SECRET = "eldersafe-demo-only"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ELDERSAFE_", extra="ignore")
+
+    environment: Literal["demo", "test", "production"] = "production"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/eldersafe"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    mqtt_username: str = "server"
+    mqtt_password: str = DEMO_SECRET
+    mqtt_client_id: str = "eldersafe-server"
+    # with several servers: "$share/<group>/" in front of the filter spreads the load
+    mqtt_shared_group: str | None = None
+    mqtt_keepalive_s: int = 30
+    mqtt_session_expiry_s: int = 7 * 24 * 3600
+    telemetry_retention_days: int = 90
+    retention_check_interval_s: float = 3600.0
+    metrics_port: int | None = None
+
+    @model_validator(mode="after")
+    def _no_default_secrets(self) -> Settings:
+        if self.environment == "production" and self.mqtt_password == DEMO_SECRET:
+            raise ValueError(
+                "ELDERSAFE_MQTT_PASSWORD is the demo's default; set a real secret "
+                "(or ELDERSAFE_ENVIRONMENT=demo for the demo)"
+            )
+        return self

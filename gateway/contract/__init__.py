@@ -1,0 +1,1 @@
+"""The MQTT contract (topics, payload models, JSON Schemas) shared by edge and server."""

@@ -1,0 +1,1 @@
+"""TimescaleDB schema, versioned migrations and retention."""

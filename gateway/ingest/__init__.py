@@ -1,0 +1,1 @@
+"""Ingest: MQTT → validation → batched, idempotent writes into TimescaleDB."""

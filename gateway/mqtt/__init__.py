@@ -1,0 +1,1 @@
+"""MQTT 5 for the gateway: a sans-IO codec and the session that ingest consumes through."""

@@ -1,0 +1,1 @@
+"""eldersafe simulators package."""

@@ -1,0 +1,95 @@
+"""Session fixtures: a real PostgreSQL + TimescaleDB cluster and real Mosquitto brokers.
+
+Nothing here uses services already running on the machine: every instance runs
+in its own temporary directory on a free loopback port and is torn down after.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, ServerProcess
+
+from gateway.broker_auth import BrokerAccount, hash_password
+from gateway.db.migrate import migrate
+from gateway.local.mosquitto import MosquittoInstance
+from gateway.local.postgres import PostgresInstance
+
+TEMPLATE = "eldersafe_template"
+
+
+def _tempdir(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)  # the postgres and mosquitto users must reach it
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresInstance]:
+    directory = _tempdir("eldersafe-pg-")
+    pg = PostgresInstance(directory, database=TEMPLATE)
+    pg.init()
+    pg.start()
+    migrate(pg.dsn)
+    yield pg
+    pg.stop("immediate")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def create_database(pg: PostgresInstance) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = pg.dsn.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    return pg.dsn.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def database(pg_cluster: PostgresInstance) -> str:
+    """A fresh, migrated database for one test."""
+    return create_database(pg_cluster)
+
+
+def test_accounts() -> list[BrokerAccount]:
+    return [
+        BrokerAccount("server", hash_password(SERVER_PASSWORD), None),
+        BrokerAccount("gw-site-a", hash_password(GATEWAY_PASSWORDS["gw-site-a"]), "site-a"),
+        BrokerAccount("gw-site-b", hash_password(GATEWAY_PASSWORDS["gw-site-b"]), "site-b"),
+    ]
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoInstance]:
+    """A fresh Mosquitto with the project's generated password and ACL files."""
+    directory = _tempdir("eldersafe-mqtt-")
+    instance = MosquittoInstance(directory)
+    instance.configure(test_accounts())
+    instance.start()
+    yield instance
+    instance.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    started: list[ServerProcess] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def make_server(server_factory: list[ServerProcess], tmp_path: Path):  # type: ignore[no-untyped-def]
+    def make(dsn: str, port: int, **extra_env: str) -> ServerProcess:
+        server = ServerProcess(dsn, port, tmp_path / f"server-{len(server_factory)}.log",
+                               extra_env=dict(extra_env))
+        server_factory.append(server)
+        return server
+
+    return make
