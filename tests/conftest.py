@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,8 +46,15 @@ def pg_cluster() -> Iterator[PostgresInstance]:
 def create_database(pg: PostgresInstance) -> str:
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = pg.dsn.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+    for attempt in range(50):
+        try:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+            break
+        except psycopg.errors.ObjectInUse:  # a connection to the template is just closing
+            if attempt == 49:
+                raise
+            time.sleep(0.1)
     return pg.dsn.rsplit("/", 1)[0] + "/" + name
 
 

@@ -88,6 +88,9 @@ class PostgresInstance:
         settings = {
             "shared_preload_libraries": "'timescaledb'",
             "timescaledb.telemetry_level": "off",
+            # the Apache-2 edition runs no jobs; idle workers would also hold the
+            # template database open and block CREATE DATABASE ... TEMPLATE
+            "timescaledb.max_background_workers": "0",
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.socket_dir}'",

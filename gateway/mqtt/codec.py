@@ -192,6 +192,41 @@ def _read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tup
     raise MqttProtocolError("malformed variable byte integer")
 
 
+def _parse(first: int, body: memoryview) -> Packet:
+    """Parse one complete packet's body; an IndexError means the packet is malformed."""
+    ptype = first >> 4
+    n = len(body)
+    if ptype == 3:
+        qos = (first >> 1) & 0x03
+        p = 2 + ((body[0] << 8) | body[1])
+        if p > n:
+            raise IndexError
+        topic = str(body[2:p], "utf-8")
+        packet_id = None
+        if qos:
+            packet_id = (body[p] << 8) | body[p + 1]
+            p += 2
+        plen, p = _read_varint(body, p, n)
+        p += plen
+        if p > n:
+            raise IndexError
+        return Publish(topic, bytes(body[p:]), qos, packet_id, bool(first & 1), bool(first & 8))
+    if ptype == 4:
+        return PubAck((body[0] << 8) | body[1], body[2] if n > 2 else 0)
+    if ptype == 2:
+        return ConnAck(bool(body[0] & 1), body[1])
+    if ptype == 9:
+        plen, p = _read_varint(body, 2, n)
+        if p + plen > n:
+            raise IndexError
+        return SubAck((body[0] << 8) | body[1], tuple(body[p + plen :]))
+    if ptype == 13:
+        return PingResp()
+    if ptype == 14:
+        return Disconnect(body[0] if n else 0)
+    return Other(ptype, bytes(body))
+
+
 def read_packets(buf: bytearray) -> tuple[list[Packet], int]:
     """Parse all complete packets at the start of ``buf``; return them and the bytes used."""
     packets: list[Packet] = []
@@ -208,38 +243,10 @@ def read_packets(buf: bytearray) -> tuple[list[Packet], int]:
             body_end = body_start + length
             if body_end > end:
                 break
-            ptype = first >> 4
-            if ptype == 3:
-                qos = (first >> 1) & 0x03
-                tlen = (buf[body_start] << 8) | buf[body_start + 1]
-                p = body_start + 2 + tlen
-                topic = str(mv[body_start + 2 : p], "utf-8")
-                packet_id = None
-                if qos:
-                    packet_id = (buf[p] << 8) | buf[p + 1]
-                    p += 2
-                plen, p = _read_varint(buf, p, body_end)
-                p += plen
-                if p > body_end:
-                    raise MqttProtocolError("PUBLISH properties overrun the packet")
-                packets.append(
-                    Publish(topic, bytes(mv[p:body_end]), qos, packet_id, bool(first & 1), bool(first & 8))
-                )
-            elif ptype == 4:
-                rc = buf[body_start + 2] if length > 2 else 0
-                packets.append(PubAck((buf[body_start] << 8) | buf[body_start + 1], rc))
-            elif ptype == 2:
-                packets.append(ConnAck(bool(buf[body_start] & 1), buf[body_start + 1]))
-            elif ptype == 9:
-                pid = (buf[body_start] << 8) | buf[body_start + 1]
-                plen, p = _read_varint(buf, body_start + 2, body_end)
-                packets.append(SubAck(pid, tuple(buf[p + plen : body_end])))
-            elif ptype == 13:
-                packets.append(PingResp())
-            elif ptype == 14:
-                packets.append(Disconnect(buf[body_start] if length else 0))
-            else:
-                packets.append(Other(ptype, bytes(mv[body_start:body_end])))
+            try:
+                packets.append(_parse(first, mv[body_start:body_end]))
+            except (IndexError, UnicodeDecodeError):
+                raise MqttProtocolError(f"malformed packet of type {first >> 4}") from None
             pos = body_end
     finally:
         mv.release()

@@ -22,6 +22,7 @@ from gateway.mqtt.codec import (
     PINGREQ,
     ConnAck,
     Disconnect,
+    MqttProtocolError,
     Packet,
     Publish,
     SubAck,
@@ -77,7 +78,13 @@ class _Protocol(asyncio.Protocol):
         self.last_rx = time.monotonic()
         buf = self.buf
         buf += data
-        packets, used = read_packets(buf)
+        try:
+            packets, used = read_packets(buf)
+        except MqttProtocolError as exc:
+            log.error("broker sent a malformed packet (%s); reconnecting", exc)
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if used:
             del buf[:used]
         on_publish = self.session.on_publish
