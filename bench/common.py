@@ -20,14 +20,18 @@ SITE = "bench"
 
 
 @contextmanager
-def services(with_database: bool = True) -> Iterator[tuple[MosquittoInstance, PostgresInstance | None]]:
+def services(
+    with_database: bool = True,
+) -> Iterator[tuple[MosquittoInstance, PostgresInstance | None]]:
     root = Path(tempfile.mkdtemp(prefix="eldersafe-bench-"))
     root.chmod(0o755)
     broker = MosquittoInstance(root / "mqtt", max_queued_messages=5_000_000)
-    broker.configure([
-        BrokerAccount(SERVER[0], hash_password(SERVER[1]), None),
-        BrokerAccount(LOADER[0], hash_password(LOADER[1]), SITE),
-    ])
+    broker.configure(
+        [
+            BrokerAccount(SERVER[0], hash_password(SERVER[1]), None),
+            BrokerAccount(LOADER[0], hash_password(LOADER[1]), SITE),
+        ]
+    )
     broker.start()
     pg = None
     if with_database:
@@ -46,7 +50,9 @@ def services(with_database: bool = True) -> Iterator[tuple[MosquittoInstance, Po
 async def load(port: int, messages: list[tuple[str, bytes]], window: int = 20_000) -> None:
     """Publish QoS 1 as fast as the broker acknowledges, keeping ``window`` in flight."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(encode_connect("bench-loader", username=LOADER[0], password=LOADER[1], clean_start=True))
+    writer.write(
+        encode_connect("bench-loader", username=LOADER[0], password=LOADER[1], clean_start=True)
+    )
     buf = bytearray()
     acked = 0
     sent = 0

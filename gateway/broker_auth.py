@@ -23,7 +23,9 @@ from gateway.contract.topics import ROOT, valid_id
 PBKDF2_ITERATIONS = 1000
 
 
-def hash_password(password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None) -> str:
+def hash_password(
+    password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None
+) -> str:
     salt = salt if salt is not None else os.urandom(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
@@ -80,7 +82,10 @@ def render_acl_file(accounts: Iterable[BrokerAccount]) -> str:
 
 def write_broker_files(accounts: list[BrokerAccount], password_file: Path, acl_file: Path) -> None:
     """Write both files atomically (a reload never sees half a file)."""
-    for path, text in ((password_file, render_password_file(accounts)), (acl_file, render_acl_file(accounts))):
+    for path, text in (
+        (password_file, render_password_file(accounts)),
+        (acl_file, render_acl_file(accounts)),
+    ):
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(text)
         tmp.chmod(0o600)

@@ -6,9 +6,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from gateway.config import Settings
 
     return Settings()
@@ -77,6 +81,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.state_dir), seconds=args.seconds)
 
 
+def cmd_edge(args: argparse.Namespace) -> int:
+    from gateway.edge.config import ConfigError
+    from gateway.edge.main import run_edge
+
+    try:
+        return run_edge(Path(args.config))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eldersafe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -107,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".local/demo")
     p.add_argument("--seconds", type=float, default=20.0)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("edge", help="run a site's edge gateway (drivers, outbox, MQTT)")
+    p.add_argument("--config", required=True, help="site config YAML")
+    p.set_defaults(func=cmd_edge)
     return parser
 
 

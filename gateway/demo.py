@@ -20,6 +20,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.broker_auth import BrokerAccount, gateway_username, hash_password
 from gateway.config import DEMO_SECRET
@@ -27,6 +28,7 @@ from gateway.contract.payloads import (
     EventPayload,
     EventType,
     Phase,
+    ReadingItem,
     StatusPayload,
     TelemetryPayload,
     dump,
@@ -56,7 +58,9 @@ ON CONFLICT DO NOTHING;
 def _postgres_can_reach(path: Path) -> bool:
     if os.geteuid() != 0:
         return True
-    probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(path)], check=False)
+    probe = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "test", "-x", str(path)], check=False
+    )
     return probe.returncode == 0
 
 
@@ -65,37 +69,93 @@ def _demo_messages() -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     for i in range(30):
         when = t + timedelta(seconds=i)
-        out.append((
-            "eldersafe/v1/home-wang/wb-wang/telemetry",
-            dump(TelemetryPayload(v=1, time=when, readings=[
-                {"metric": "heart_rate_bpm", "value": 68 + i % 7, "unit": "bpm"},
-                {"metric": "spo2_pct", "value": 97, "unit": "%"},
-            ])),
-        ))
-        out.append((
-            "eldersafe/v1/room-201/ef-1/telemetry",
-            dump(TelemetryPayload(v=1, time=when, readings=[
-                {"metric": "residual_current_ma", "value": 120 + 11 * i, "unit": "mA"},
-            ])),
-        ))
-    sos = EventPayload(v=1, event_id=uuid.uuid4(), type=EventType.SOS, phase=Phase.PULSE,
-                       time=t, profile="es-cb1", data={"button_id": "0001e240", "seq": 7})
+        out.append(
+            (
+                "eldersafe/v1/home-wang/wb-wang/telemetry",
+                dump(
+                    TelemetryPayload(
+                        v=1,
+                        time=when,
+                        readings=[
+                            ReadingItem(metric="heart_rate_bpm", value=68 + i % 7, unit="bpm"),
+                            ReadingItem(metric="spo2_pct", value=97, unit="%"),
+                        ],
+                    )
+                ),
+            )
+        )
+        out.append(
+            (
+                "eldersafe/v1/room-201/ef-1/telemetry",
+                dump(
+                    TelemetryPayload(
+                        v=1,
+                        time=when,
+                        readings=[
+                            ReadingItem(
+                                metric="residual_current_ma", value=120 + 11 * i, unit="mA"
+                            ),
+                        ],
+                    )
+                ),
+            )
+        )
+    sos = EventPayload(
+        v=1,
+        event_id=uuid.uuid4(),
+        type=EventType.SOS,
+        phase=Phase.PULSE,
+        time=t,
+        profile="es-cb1",
+        data={"button_id": "0001e240", "seq": 7},
+    )
     out += [("eldersafe/v1/home-wang/btn-wang/event", dump(sos))] * 3  # the three RF repeats
-    out.append(("eldersafe/v1/home-wang/wb-wang/event", dump(EventPayload(
-        v=1, event_id=uuid.uuid4(), type=EventType.FALL, phase=Phase.PULSE, time=t,
-        profile="es-wb1", data={"confidence": 92}))))
-    out.append(("eldersafe/v1/room-201/sd-1/event", dump(EventPayload(
-        v=1, event_id=uuid.uuid4(), type=EventType.SMOKE, phase=Phase.RAISE, time=t,
-        profile="es-sd1", data={"obscuration_db_m": 0.21}))))
-    out.append(("eldersafe/v1/home-wang/wb-wang/status", dump(StatusPayload(
-        v=1, time=t, online=True, battery=76, rssi=-58))))
+    out.append(
+        (
+            "eldersafe/v1/home-wang/wb-wang/event",
+            dump(
+                EventPayload(
+                    v=1,
+                    event_id=uuid.uuid4(),
+                    type=EventType.FALL,
+                    phase=Phase.PULSE,
+                    time=t,
+                    profile="es-wb1",
+                    data={"confidence": 92},
+                )
+            ),
+        )
+    )
+    out.append(
+        (
+            "eldersafe/v1/room-201/sd-1/event",
+            dump(
+                EventPayload(
+                    v=1,
+                    event_id=uuid.uuid4(),
+                    type=EventType.SMOKE,
+                    phase=Phase.RAISE,
+                    time=t,
+                    profile="es-sd1",
+                    data={"obscuration_db_m": 0.21},
+                )
+            ),
+        )
+    )
+    out.append(
+        (
+            "eldersafe/v1/home-wang/wb-wang/status",
+            dump(StatusPayload(v=1, time=t, online=True, battery=76, rssi=-58)),
+        )
+    )
     out.append(("eldersafe/v1/home-wang/wb-wang/telemetry", b'{"v":1,"readings":"corrupt"'))
     return out
 
 
 def _publish(port: int, site: str, messages: list[tuple[str, bytes]]) -> None:
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-gw-{site}",
-                         protocol=mqtt.MQTTv5)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"demo-gw-{site}", protocol=mqtt.MQTTv5
+    )
     client.username_pw_set(gateway_username(f"gw-{site}"), DEMO_GATEWAY_PASSWORD)
     client.connect("127.0.0.1", port)
     client.loop_start()
@@ -110,7 +170,8 @@ def _report(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         print("\n== telemetry rows by metric")
         for metric, n, lo, hi in conn.execute(
-            "SELECT metric, count(*), min(value), max(value) FROM telemetry GROUP BY metric ORDER BY metric"
+            "SELECT metric, count(*), min(value), max(value) FROM telemetry"
+            " GROUP BY metric ORDER BY metric"
         ):
             print(f"   {metric:24} {n:5} rows  min {lo:8.1f}  max {hi:8.1f}")
         print("== device events (one row per event id, however many repeats)")
@@ -168,14 +229,21 @@ def run_demo(state_dir: Path, *, seconds: float = 20.0) -> int:
                     (f"gw-{site}", site, hash_password(DEMO_GATEWAY_PASSWORD)),
                 )
         accounts = [BrokerAccount("server", hash_password(DEMO_SECRET), None)] + [
-            BrokerAccount(gateway_username(f"gw-{site}"), hash_password(DEMO_GATEWAY_PASSWORD), site)
+            BrokerAccount(
+                gateway_username(f"gw-{site}"), hash_password(DEMO_GATEWAY_PASSWORD), site
+            )
             for site in SITES
         ]
         broker.configure(accounts)
         broker.start()
         print(f"demo: mosquitto on 127.0.0.1:{broker.port}, timescaledb on {pg.dsn}")
-        env = dict(os.environ, ELDERSAFE_ENVIRONMENT="demo", ELDERSAFE_DATABASE_URL=pg.dsn,
-                   ELDERSAFE_MQTT_PORT=str(broker.port), ELDERSAFE_MQTT_PASSWORD=DEMO_SECRET)
+        env = dict(
+            os.environ,
+            ELDERSAFE_ENVIRONMENT="demo",
+            ELDERSAFE_DATABASE_URL=pg.dsn,
+            ELDERSAFE_MQTT_PORT=str(broker.port),
+            ELDERSAFE_MQTT_PASSWORD=DEMO_SECRET,
+        )
         log_path = state_dir / "server.log"
         log_path.write_bytes(b"")
         with log_path.open("ab") as log:
@@ -186,10 +254,18 @@ def run_demo(state_dir: Path, *, seconds: float = 20.0) -> int:
         messages = _demo_messages()
         for site in SITES:
             _publish(broker.port, site, [m for m in messages if f"/{site}/" in m[0]])
-        print(f"demo: published {len(messages)} sample messages; waiting {seconds:.0f} s for ingest")
+        print(
+            f"demo: published {len(messages)} sample messages; waiting {seconds:.0f} s for ingest"
+        )
         expected_events = 3  # the SOS (sent three times), the fall, the smoke alarm
-        _wait(lambda: _count(pg.dsn, "device_events") >= expected_events
-              and _count(pg.dsn, "dead_letters") >= 1, seconds, "ingest")
+        _wait(
+            lambda: (
+                _count(pg.dsn, "device_events") >= expected_events
+                and _count(pg.dsn, "dead_letters") >= 1
+            ),
+            seconds,
+            "ingest",
+        )
         _report(pg.dsn)
         print(f"\ndemo: server log in {log_path}")
         return 0

@@ -8,10 +8,15 @@ INGEST_MESSAGES = Counter("eldersafe_ingest_messages_total", "MQTT messages inge
 INGEST_TELEMETRY_ROWS = Counter("eldersafe_ingest_telemetry_rows_total", "telemetry rows written")
 INGEST_EVENTS = Counter("eldersafe_ingest_events_total", "event messages written (before dedup)")
 DEAD_LETTERS = Counter("eldersafe_dead_letters_total", "messages refused into dead letters")
-INGEST_IGNORED = Counter("eldersafe_ingest_ignored_total", "messages on topics ingest does not store")
+INGEST_IGNORED = Counter(
+    "eldersafe_ingest_ignored_total", "messages on topics ingest does not store"
+)
 INGEST_BATCH_SECONDS = Histogram(
-    "eldersafe_ingest_batch_seconds", "time to make one batch durable",
+    "eldersafe_ingest_batch_seconds",
+    "time to make one batch durable",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-INGEST_STORE_ERRORS = Counter("eldersafe_ingest_store_errors_total", "failed batch writes (retried)")
+INGEST_STORE_ERRORS = Counter(
+    "eldersafe_ingest_store_errors_total", "failed batch writes (retried)"
+)
 INGEST_PENDING = Gauge("eldersafe_ingest_pending_messages", "received, not yet durable")

@@ -95,8 +95,9 @@ def server_factory(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 @pytest.fixture
 def make_server(server_factory: list[ServerProcess], tmp_path: Path):  # type: ignore[no-untyped-def]
     def make(dsn: str, port: int, **extra_env: str) -> ServerProcess:
-        server = ServerProcess(dsn, port, tmp_path / f"server-{len(server_factory)}.log",
-                               extra_env=dict(extra_env))
+        server = ServerProcess(
+            dsn, port, tmp_path / f"server-{len(server_factory)}.log", extra_env=dict(extra_env)
+        )
         server_factory.append(server)
         return server
 

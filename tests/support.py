@@ -21,8 +21,13 @@ SERVER_PASSWORD = "server-test-secret"
 GATEWAY_PASSWORDS = {"gw-site-a": "secret-a", "gw-site-b": "secret-b"}
 
 
-def mqtt_client(port: int, username: str | None, password: str | None, client_id: str | None = None,
-                protocol: int = mqtt.MQTTv5) -> mqtt.Client:
+def mqtt_client(
+    port: int,
+    username: str | None,
+    password: str | None,
+    client_id: str | None = None,
+    protocol: int = mqtt.MQTTv5,
+) -> mqtt.Client:
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id or f"test-{uuid.uuid4().hex[:8]}",
@@ -43,8 +48,13 @@ class Connected:
     refused: threading.Event = field(default_factory=threading.Event)
 
 
-def connect(port: int, username: str | None, password: str | None, timeout: float = 5.0,
-            client_id: str | None = None) -> Connected:
+def connect(
+    port: int,
+    username: str | None,
+    password: str | None,
+    timeout: float = 5.0,
+    client_id: str | None = None,
+) -> Connected:
     """Connect and wait for CONNACK; ``.ok`` or ``.refused`` tells the outcome."""
     c = Connected(mqtt_client(port, username, password, client_id))
 
@@ -63,8 +73,13 @@ def connect(port: int, username: str | None, password: str | None, timeout: floa
     return c
 
 
-def publish_all(port: int, username: str, password: str,
-                messages: Iterable[tuple[str, bytes, int]], timeout: float = 30.0) -> list[Any]:
+def publish_all(
+    port: int,
+    username: str,
+    password: str,
+    messages: Iterable[tuple[str, bytes, int]],
+    timeout: float = 30.0,
+) -> list[Any]:
     """Publish and wait until the broker acknowledged every QoS 1 message."""
     c = connect(port, username, password)
     assert c.ok.is_set(), f"publisher could not connect: {c.reason}"
@@ -100,7 +115,9 @@ class Collector:
         self.c.client.loop_stop()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -145,7 +162,9 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "server"],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_session(self, timeout: float = 30.0) -> None:
@@ -197,10 +216,22 @@ class EventStream:
         n = 0
         while not self._stop.is_set():
             event_id = uuid.uuid4()
-            payload = dump(EventPayload(v=1, event_id=event_id, type=EventType.SOS, phase=Phase.PULSE,
-                                        time=now_utc(), profile="es-cb1", data={"n": n}))
-            self._infos.append(self._conn.client.publish(
-                f"eldersafe/v1/{self.site}/btn-{n % 50}/event", payload, qos=1))
+            payload = dump(
+                EventPayload(
+                    v=1,
+                    event_id=event_id,
+                    type=EventType.SOS,
+                    phase=Phase.PULSE,
+                    time=now_utc(),
+                    profile="es-cb1",
+                    data={"n": n},
+                )
+            )
+            self._infos.append(
+                self._conn.client.publish(
+                    f"eldersafe/v1/{self.site}/btn-{n % 50}/event", payload, qos=1
+                )
+            )
             self.ids.append(str(event_id))
             n += 1
             next_at += interval

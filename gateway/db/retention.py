@@ -7,12 +7,12 @@ from datetime import timedelta
 import psycopg
 
 
-async def drop_old_telemetry(conn: psycopg.AsyncConnection[object], keep: timedelta) -> int:
+async def drop_old_telemetry(conn: psycopg.AsyncConnection[tuple[int]], keep: timedelta) -> int:
     """Drop telemetry chunks entirely older than ``keep``; return how many were dropped."""
     cur = await conn.execute(
         "SELECT count(*) FROM drop_chunks('telemetry', older_than => now() - %s::interval)",
         (keep,),
     )
-    row = await cur.fetchone()
+    row = await cur.fetchone()  # (chunks dropped,)
     await conn.commit()
     return int(row[0]) if row else 0

@@ -19,7 +19,13 @@ from gateway.contract.payloads import (
     StatusPayload,
     TelemetryPayload,
 )
-from gateway.contract.topics import Channel, DeviceTopic, GatewayStatusTopic, TopicError, parse_topic
+from gateway.contract.topics import (
+    Channel,
+    DeviceTopic,
+    GatewayStatusTopic,
+    TopicError,
+    parse_topic,
+)
 
 TelemetryRow = tuple[datetime, str, str, str, float, str]
 EventRow = tuple[object, datetime, str, str, str, str, str, str]  # data as JSON text
@@ -106,7 +112,10 @@ class Classifier:
                     )
                 elif channel is Channel.STATUS:
                     st = _validate_status(payload)
-                    self._status(batch, (t.site, t.device, st.online, st.battery, st.rssi, st.detail, st.time))
+                    self._status(
+                        batch,
+                        (t.site, t.device, st.online, st.battery, st.rssi, st.detail, st.time),
+                    )
                 else:  # our own downlink commands: not ingest's to store
                     batch.ignored += 1
             else:
@@ -114,7 +123,9 @@ class Classifier:
                 gw = _validate_gateway(payload)
                 detail = ",".join(f"{k}={v}" for k, v in sorted(gw.drivers.items())) or gw.version
                 when = gw.time or datetime.now().astimezone()
-                self._status(batch, (t.site, f"gateway:{t.gateway}", gw.online, None, None, detail, when))
+                self._status(
+                    batch, (t.site, f"gateway:{t.gateway}", gw.online, None, None, detail, when)
+                )
         except ValidationError as exc:
             batch.dead.append((topic, payload, _reason(exc)))
 

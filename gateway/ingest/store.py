@@ -7,6 +7,8 @@ ledger, so one event id is one row however often it arrives.
 
 from __future__ import annotations
 
+import contextlib
+
 import psycopg
 
 from gateway.ingest.batch import Batch
@@ -17,7 +19,9 @@ CREATE TEMP TABLE IF NOT EXISTS telemetry_in (
     value double precision, unit text
 ) ON COMMIT DELETE ROWS
 """
-_COPY = "COPY telemetry_in (time, site_id, device_id, metric, value, unit) FROM STDIN (FORMAT BINARY)"
+_COPY = (
+    "COPY telemetry_in (time, site_id, device_id, metric, value, unit) FROM STDIN (FORMAT BINARY)"
+)
 _MOVE = "INSERT INTO telemetry SELECT * FROM telemetry_in ON CONFLICT DO NOTHING"
 _TYPES = ["timestamptz", "text", "text", "text", "float8", "text"]
 
@@ -59,31 +63,31 @@ class IngestStore:
         """Make the batch durable (committed) or raise; safe to call again with the same batch."""
         conn = await self._connection()
         try:
-            async with conn.transaction():
-                async with conn.cursor() as cur:
-                    if batch.telemetry:
-                        async with cur.copy(_COPY) as copy:
-                            copy.set_types(_TYPES)
-                            for row in batch.telemetry:
-                                await copy.write_row(row)
-                        await cur.execute(_MOVE)
-                    if batch.events:
-                        await cur.executemany(
-                            _EVENT,
-                            [(e[0], e[1], e[1], e[2], e[3], e[4], e[5], e[6], e[7]) for e in batch.events],
-                        )
-                    if batch.statuses:
-                        await cur.executemany(_STATUS, list(batch.statuses.values()))
-                    if batch.dead:
-                        await cur.executemany(_DEAD, batch.dead)
+            async with conn.transaction(), conn.cursor() as cur:
+                if batch.telemetry:
+                    async with cur.copy(_COPY) as copy:
+                        copy.set_types(_TYPES)
+                        for row in batch.telemetry:
+                            await copy.write_row(row)
+                    await cur.execute(_MOVE)
+                if batch.events:
+                    await cur.executemany(
+                        _EVENT,
+                        [
+                            (e[0], e[1], e[1], e[2], e[3], e[4], e[5], e[6], e[7])
+                            for e in batch.events
+                        ],
+                    )
+                if batch.statuses:
+                    await cur.executemany(_STATUS, list(batch.statuses.values()))
+                if batch.dead:
+                    await cur.executemany(_DEAD, batch.dead)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close
                 await self._conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail; it is gone either way
-                pass
             self._conn = None

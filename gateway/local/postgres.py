@@ -111,7 +111,15 @@ class PostgresInstance:
 
     def _ensure_database(self) -> None:
         psql = _as_owner(
-            [str(PG_BIN / "psql"), "-h", str(self.socket_dir), "-p", str(self.port), "-U", "postgres"]
+            [
+                str(PG_BIN / "psql"),
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+            ]
         )
         exists = subprocess.run(
             [*psql, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],

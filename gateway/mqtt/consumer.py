@@ -159,10 +159,10 @@ class MqttConsumer:
         elif isinstance(packet, Disconnect):
             log.warning("broker sent DISCONNECT (reason 0x%02x)", packet.reason_code)
 
-    async def _expect(self, kind: type, timeout: float) -> Packet:
+    async def _expect(self, kind: type, within_s: float) -> Packet:
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
         self._waiters[kind] = fut
-        return await asyncio.wait_for(fut, timeout)
+        return await asyncio.wait_for(fut, within_s)
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,7 +190,9 @@ class MqttConsumer:
                 raise MqttConnectError(connack.reason_code)
             transport.write(encode_subscribe(1, [(f, 1) for f in self.filters]))
             suback = cast(SubAck, await self._expect(SubAck, 10))
-            refused = [f for f, rc in zip(self.filters, suback.reason_codes, strict=False) if rc >= 0x80]
+            refused = [
+                f for f, rc in zip(self.filters, suback.reason_codes, strict=False) if rc >= 0x80
+            ]
             if refused:
                 raise MqttConnectError(0x87)
             self.connects += 1

@@ -12,10 +12,15 @@ from gateway.broker_auth import hash_password, verify_password
 def test_gateway_cannot_publish_under_another_site(broker) -> None:
     watcher = Collector(broker.port, "server", SERVER_PASSWORD, "eldersafe/v1/#")
     try:
-        publish_all(broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], [
-            ("eldersafe/v1/site-b/btn-1/event", b'{"forged": true}', 1),
-            ("eldersafe/v1/site-a/btn-1/event", b'{"own": true}', 1),
-        ])
+        publish_all(
+            broker.port,
+            "gw-site-a",
+            GATEWAY_PASSWORDS["gw-site-a"],
+            [
+                ("eldersafe/v1/site-b/btn-1/event", b'{"forged": true}', 1),
+                ("eldersafe/v1/site-a/btn-1/event", b'{"own": true}', 1),
+            ],
+        )
         wait_for(lambda: len(watcher.messages) >= 1, 5, "the allowed message")
         time.sleep(0.5)
         assert watcher.messages == [("eldersafe/v1/site-a/btn-1/event", b'{"own": true}')]
@@ -24,12 +29,19 @@ def test_gateway_cannot_publish_under_another_site(broker) -> None:
 
 
 def test_gateway_reads_only_its_own_commands(broker) -> None:
-    a = Collector(broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "eldersafe/v1/+/+/command")
+    a = Collector(
+        broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "eldersafe/v1/+/+/command"
+    )
     try:
-        publish_all(broker.port, "server", SERVER_PASSWORD, [
-            ("eldersafe/v1/site-b/wb-1/command", b"for b", 1),
-            ("eldersafe/v1/site-a/wb-1/command", b"for a", 1),
-        ])
+        publish_all(
+            broker.port,
+            "server",
+            SERVER_PASSWORD,
+            [
+                ("eldersafe/v1/site-b/wb-1/command", b"for b", 1),
+                ("eldersafe/v1/site-a/wb-1/command", b"for a", 1),
+            ],
+        )
         wait_for(lambda: len(a.messages) >= 1, 5, "own command")
         time.sleep(0.5)
         assert a.messages == [("eldersafe/v1/site-a/wb-1/command", b"for a")]

@@ -21,11 +21,15 @@ def assert_exactly_once(dsn: str, sent: list[str]) -> None:
     assert ledger == (len(sent),)
 
 
-def test_database_outage_of_20s_loses_and_doubles_nothing(broker, pg_cluster, database, make_server) -> None:
+def test_database_outage_of_20s_loses_and_doubles_nothing(
+    broker, pg_cluster, database, make_server
+) -> None:
     server = make_server(database, broker.port)
     server.start()
     server.wait_session()
-    stream = EventStream(broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200).start()
+    stream = EventStream(
+        broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200
+    ).start()
     time.sleep(3)
     pg_cluster.stop("fast")
     try:
@@ -40,11 +44,15 @@ def test_database_outage_of_20s_loses_and_doubles_nothing(broker, pg_cluster, da
     assert b"ingest store unavailable" in server.log_path.read_bytes()
 
 
-def test_server_killed_with_sigkill_loses_and_doubles_nothing(broker, database, make_server) -> None:
+def test_server_killed_with_sigkill_loses_and_doubles_nothing(
+    broker, database, make_server
+) -> None:
     server = make_server(database, broker.port)
     server.start()
     server.wait_session()
-    stream = EventStream(broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200).start()
+    stream = EventStream(
+        broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200
+    ).start()
     time.sleep(4)
     server.kill()
     time.sleep(3)  # events keep coming; the broker queues them for the persistent session

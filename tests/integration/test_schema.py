@@ -15,19 +15,36 @@ def test_migrations_are_versioned_and_idempotent(database: str) -> None:
     assert current_version(database) == len(available())
     assert migrate(database) == []  # a second run applies nothing
     with psycopg.connect(database) as conn:
-        hypertables = {r[0] for r in conn.execute(
-            "SELECT hypertable_name FROM timescaledb_information.hypertables")}
+        hypertables = {
+            r[0]
+            for r in conn.execute("SELECT hypertable_name FROM timescaledb_information.hypertables")
+        }
         assert hypertables == {"telemetry", "device_events", "alert_audit"}
-        tables = {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-        assert {"organisations", "sites", "residents", "devices", "gateways", "staff", "shifts",
-                "alerts", "notifications", "dead_letters", "event_ledger"} <= tables
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        assert {
+            "organisations",
+            "sites",
+            "residents",
+            "devices",
+            "gateways",
+            "staff",
+            "shifts",
+            "alerts",
+            "notifications",
+            "dead_letters",
+            "event_ledger",
+        } <= tables
 
 
 def test_organisation_tree_is_enforced(database: str) -> None:
     with psycopg.connect(database) as conn:
         conn.execute("INSERT INTO organisations VALUES ('bureau-x', NULL, 'bureau', 'Bureau')")
-        conn.execute("INSERT INTO organisations VALUES ('street-x', 'bureau-x', 'street', 'Street')")
+        conn.execute(
+            "INSERT INTO organisations VALUES ('street-x', 'bureau-x', 'street', 'Street')"
+        )
         conn.commit()
         try:
             conn.execute("INSERT INTO organisations VALUES ('street-y', NULL, 'street', 'Orphan')")

@@ -1,4 +1,4 @@
-"""The MQTT contract: topics build and parse strictly; payloads validate strictly; schemas don't drift."""
+"""The MQTT contract: strict topics and payloads; committed schemas that cannot drift."""
 
 from __future__ import annotations
 
@@ -68,13 +68,24 @@ def test_building_a_topic_with_a_bad_id_is_refused() -> None:
 
 def test_event_payload_round_trip_and_strictness() -> None:
     event_id = uuid.UUID("6f1c1d4e-8f0a-4d0e-9d5c-3b1f6a2e9c11")
-    event = EventPayload(v=1, event_id=event_id, type=EventType.FALL, phase=Phase.PULSE,
-                         time=datetime(2026, 11, 22, 3, 14, tzinfo=UTC), profile="es-wb1",
-                         data={"confidence": 92})
+    event = EventPayload(
+        v=1,
+        event_id=event_id,
+        type=EventType.FALL,
+        phase=Phase.PULSE,
+        time=datetime(2026, 11, 22, 3, 14, tzinfo=UTC),
+        profile="es-wb1",
+        data={"confidence": 92},
+    )
     raw = dump(event)
     assert json.loads(raw) == {
-        "v": 1, "event_id": str(event_id), "type": "fall", "phase": "pulse",
-        "time": "2026-11-22T03:14:00Z", "profile": "es-wb1", "data": {"confidence": 92},
+        "v": 1,
+        "event_id": str(event_id),
+        "type": "fall",
+        "phase": "pulse",
+        "time": "2026-11-22T03:14:00Z",
+        "profile": "es-wb1",
+        "data": {"confidence": 92},
     }
     assert EventPayload.model_validate_json(raw) == event
     for mutation in [
@@ -102,9 +113,12 @@ def test_telemetry_status_and_command_payloads() -> None:
             b'{"v":1,"time":"2026-11-22T08:00:00Z","readings":[{"metric":"x","value":"12"}]}'
         )
     with pytest.raises(ValidationError):
-        StatusPayload.model_validate_json(b'{"v":1,"time":"2026-11-22T08:00:00Z","online":true,"battery":101}')
-    cmd = CommandPayload(v=1, command_id=uuid.uuid4(), action=CommandAction.ACKNOWLEDGE,
-                         time=datetime.now(UTC))
+        StatusPayload.model_validate_json(
+            b'{"v":1,"time":"2026-11-22T08:00:00Z","online":true,"battery":101}'
+        )
+    cmd = CommandPayload(
+        v=1, command_id=uuid.uuid4(), action=CommandAction.ACKNOWLEDGE, time=datetime.now(UTC)
+    )
     assert CommandPayload.model_validate_json(dump(cmd)) == cmd
 
 

@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 from gateway.mqtt.codec import (
     ConnAck,
+    MqttProtocolError,
     PubAck,
     Publish,
     SubAck,
-    encode_publish,
     encode_pubacks,
-    MqttProtocolError,
+    encode_publish,
     encode_varint,
     read_packets,
 )
