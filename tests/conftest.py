@@ -31,6 +31,14 @@ def _tempdir(prefix: str) -> Path:
     return path
 
 
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """A temporary directory the postgres and mosquitto users can reach (unlike tmp_path)."""
+    path = _tempdir("eldersafe-svc-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PostgresInstance]:
     directory = _tempdir("eldersafe-pg-")

@@ -62,3 +62,42 @@ def test_password_hash_matches_mosquitto_format() -> None:
     assert encoded.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
     assert verify_password("s3cret", encoded)
     assert not verify_password("other", encoded)
+
+
+def test_broker_files_come_from_the_registered_gateways(database, service_dir) -> None:
+    """`eldersafe gateway-add` + `broker-files`: a registered gateway can log in, others cannot."""
+    import psycopg
+
+    from gateway.local.mosquitto import MosquittoInstance
+    from gateway.registry import add_gateway, broker_accounts
+
+    with psycopg.connect(database) as conn:
+        conn.execute("INSERT INTO organisations VALUES ('b', NULL, 'bureau', 'B')")
+        conn.execute(
+            "INSERT INTO sites (id, organisation_id, kind, name) VALUES ('home-li', 'b', 'home', 'Li')"
+        )
+    password = add_gateway(database, "gw-li", "home-li")
+    accounts = broker_accounts(database, "server", SERVER_PASSWORD)
+    assert [(a.username, a.site) for a in accounts] == [("server", None), ("gw-gw-li", "home-li")]
+    broker = MosquittoInstance(service_dir / "mqtt")
+    broker.configure(accounts)
+    broker.start()
+    try:
+        assert connect(broker.port, "gw-gw-li", password).ok.is_set()
+        assert connect(broker.port, "gw-gw-li", "guess").refused.is_set()
+        watcher = Collector(broker.port, "server", SERVER_PASSWORD, "eldersafe/v1/#")
+        publish_all(
+            broker.port,
+            "gw-gw-li",
+            password,
+            [
+                ("eldersafe/v1/home-wang/btn/event", b"forged", 1),
+                ("eldersafe/v1/home-li/btn/event", b"own", 1),
+            ],
+        )
+        wait_for(lambda: len(watcher.messages) >= 1, 5, "own message")
+        time.sleep(0.3)
+        assert watcher.messages == [("eldersafe/v1/home-li/btn/event", b"own")]
+        watcher.close()
+    finally:
+        broker.stop()
