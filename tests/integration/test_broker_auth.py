@@ -74,7 +74,8 @@ def test_broker_files_come_from_the_registered_gateways(database, service_dir) -
     with psycopg.connect(database) as conn:
         conn.execute("INSERT INTO organisations VALUES ('b', NULL, 'bureau', 'B')")
         conn.execute(
-            "INSERT INTO sites (id, organisation_id, kind, name) VALUES ('home-li', 'b', 'home', 'Li')"
+            "INSERT INTO sites (id, organisation_id, kind, name)"
+            " VALUES ('home-li', 'b', 'home', 'Li')"
         )
     password = add_gateway(database, "gw-li", "home-li")
     accounts = broker_accounts(database, "server", SERVER_PASSWORD)
