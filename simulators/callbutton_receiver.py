@@ -214,7 +214,7 @@ class CallButtonReceiverSimulator:
                 self.garbage_received += 1
                 del buf[:1]
 
-    async def wait_for_ack(self, count: int = 1, timeout: float = 2.0) -> AckRecord:
+    async def wait_for_ack(self, count: int = 1, timeout: float = 2.0) -> AckRecord:  # noqa: ASYNC109
         """Wait until ``count`` acknowledges have arrived in total; return the last."""
         async with asyncio.timeout(timeout):
             while len(self.acks) < count:
@@ -253,7 +253,13 @@ class CallButtonReceiverSimulator:
         return button
 
     def event_frame(
-        self, button_id: int, event: int, *, seq: int, battery: int | None = None, rssi: int | None = None
+        self,
+        button_id: int,
+        event: int,
+        *,
+        seq: int,
+        battery: int | None = None,
+        rssi: int | None = None,
     ) -> bytes:
         button = self.buttons.get(button_id) or self.add_button(button_id)
         payload = struct.pack(

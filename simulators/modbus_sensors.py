@@ -138,7 +138,9 @@ class ModbusSensorBus:
         ]
         # id 0 catches requests to absent units; _trace_packet drops its replies so an
         # absent unit is silent, as on a real RS-485 line.
-        devices.append(SimDevice(id=0, simdata=[SimData(0, values=[0], datatype=DataType.REGISTERS)]))
+        devices.append(
+            SimDevice(id=0, simdata=[SimData(0, values=[0], datatype=DataType.REGISTERS)])
+        )
         self._server = ModbusSerialServer(
             devices,
             framer=FramerType.RTU,
@@ -161,7 +163,7 @@ class ModbusSensorBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._server is not None:
-            await self._server.shutdown()
+            await self._server.shutdown()  # type: ignore[no-untyped-call]
             self._server = None
 
     async def __aenter__(self) -> ModbusSensorBus:
@@ -203,14 +205,18 @@ class ModbusSensorBus:
             if set_values is not None:
                 for i, value in enumerate(set_values):
                     reg = address + i
-                    self._record(unit, _FC_NAMES.get(function_code, str(function_code)), reg, int(value))
+                    self._record(
+                        unit, _FC_NAMES.get(function_code, str(function_code)), reg, int(value)
+                    )
                     if reg < len(unit.registers):
                         unit.registers[reg] = int(value) & 0xFFFF
                 self._refresh(unit)
         elif function_code in (5, 15) and set_values is not None:
             for i, value in enumerate(set_values):
                 coil = address + i
-                self._record(unit, _FC_NAMES.get(function_code, str(function_code)), coil, int(bool(value)))
+                self._record(
+                    unit, _FC_NAMES.get(function_code, str(function_code)), coil, int(bool(value))
+                )
                 if coil < len(unit.coils):
                     unit.coils[coil] = bool(value)
                 if coil == 0 and value:

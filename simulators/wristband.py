@@ -178,7 +178,8 @@ class SimulatedWristband:
             await self.device.stop_advertising()
         for connection in list(self.device.connections.values()):
             with contextlib.suppress(Exception):
-                await connection.disconnect()
+                async with asyncio.timeout(2.0):
+                    await connection.disconnect()
 
     async def resume(self) -> None:
         self._silent = False

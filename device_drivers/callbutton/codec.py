@@ -129,9 +129,7 @@ def decode_button_event(payload: bytes) -> ButtonEvent:
 
 def decode_receiver_status(payload: bytes) -> ReceiverStatus:
     if len(payload) != _STATUS.size:
-        raise DecodeError(
-            f"receiver status payload needs {_STATUS.size} bytes, got {len(payload)}"
-        )
+        raise DecodeError(f"receiver status payload needs {_STATUS.size} bytes, got {len(payload)}")
     uptime, firmware = _STATUS.unpack(payload)
     return ReceiverStatus(uptime, firmware)
 

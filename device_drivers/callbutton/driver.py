@@ -109,9 +109,7 @@ class CallButtonReceiverDriver:
         self.partial_frame_timeout_s = partial_frame_timeout_s
         self._opener: SerialOpener = opener or (lambda: open_serial_port(port, baudrate))
         self._clock = clock
-        self._supervised = {
-            b if isinstance(b, int) else parse_button_address(b) for b in buttons
-        }
+        self._supervised = {b if isinstance(b, int) else parse_button_address(b) for b in buttons}
         self.counters = LineCounters()
         self.connected = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
@@ -138,10 +136,11 @@ class CallButtonReceiverDriver:
         last_byte_at = now
         try:
             while True:
-                try:
-                    data = await asyncio.wait_for(reader.read(4096), self._tick_s())
-                except TimeoutError:
-                    data = None
+                data: bytes | None = None
+                with suppress(TimeoutError):
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
+                    async with asyncio.timeout(self._tick_s()):
+                        data = await reader.read(4096)
                 if data == b"":
                     raise ConnectionError(f"serial port {self.port} closed")
                 now = self._clock()
@@ -170,13 +169,14 @@ class CallButtonReceiverDriver:
     async def _on_frame(
         self, frame_type: int, payload: bytes, raw: bytes, sink: ObservationSink
     ) -> None:
+        if frame_type != FrameType.ACKNOWLEDGE:  # our own echo proves nothing
+            await self._receiver_heard(sink)  # any other CRC-valid frame: receiver alive
         try:
             message = decode_payload(frame_type, payload)
         except DecodeError as exc:
             self.counters.decode_errors += 1
             log.warning("es-cb1 %s: undecodable frame %s: %s", self.port, raw.hex(" "), exc)
             return
-        await self._receiver_heard(sink)
         if isinstance(message, ButtonEvent):
             await self._on_button_event(message, sink)
         elif isinstance(message, ReceiverStatus):
@@ -260,7 +260,9 @@ class CallButtonReceiverDriver:
                 address = button_address(button_id)
                 silent = round(now - last, 3)
                 await sink(
-                    Condition(address, ConditionKind.OFFLINE, active=True, data={"silent_s": silent})
+                    Condition(
+                        address, ConditionKind.OFFLINE, active=True, data={"silent_s": silent}
+                    )
                 )
                 await sink(LinkStatus(address, online=False))
 

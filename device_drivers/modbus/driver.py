@@ -26,6 +26,13 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
+from device_drivers.modbus.registers import (
+    REGISTER_MAPS,
+    RegisterMap,
+    conditions_from,
+    decode_values,
+    readings_from,
+)
 from device_drivers.model import (
     Command,
     CommandAction,
@@ -37,13 +44,6 @@ from device_drivers.model import (
     ObservationSink,
     Occurrence,
     Scalar,
-)
-from device_drivers.modbus.registers import (
-    REGISTER_MAPS,
-    RegisterMap,
-    conditions_from,
-    decode_values,
-    readings_from,
 )
 
 __all__ = ["ModbusBusDriver", "ModbusUnit", "UnitHealth", "unit_address"]
@@ -159,6 +159,7 @@ class ModbusBusDriver:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await self._poll(client, self.units[unit_id], sink)
+                _raise_if_cancelling()
                 # Fixed rate, but never a burst of catch-up polls after a slow spell.
                 health.next_due = max(
                     health.next_due + self._interval(self.units[unit_id]), self._clock()
@@ -197,9 +198,17 @@ class ModbusBusDriver:
         health.failures += 1
         health.consecutive_failures += 1
         health.last_error = error
-        log.debug("%s %s: poll failed (%d in a row): %s", self.port, address,
-                  health.consecutive_failures, error)
-        if health.consecutive_failures >= self.offline_after_failures and health.offline is not True:
+        log.debug(
+            "%s %s: poll failed (%d in a row): %s",
+            self.port,
+            address,
+            health.consecutive_failures,
+            error,
+        )
+        if (
+            health.consecutive_failures >= self.offline_after_failures
+            and health.offline is not True
+        ):
             health.offline = True
             data: dict[str, Scalar] = {
                 "failed_polls": health.consecutive_failures,
@@ -278,6 +287,15 @@ class ModbusBusDriver:
             raise CommandError(f"{command.address} refused: {response}", recoverable=False)
 
 
+def _raise_if_cancelling() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (used inside pymodbus) can swallow a
+    cancellation that races with the reply; the request stays on the task, so
+    honour it here or ``run`` would never stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _threshold_args(regmap: RegisterMap, args: Any) -> tuple[int, int]:
     writable = regmap.writable()
     name = args.get("register")
@@ -288,7 +306,9 @@ def _threshold_args(regmap: RegisterMap, args: Any) -> tuple[int, int]:
             recoverable=False,
         )
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF:
-        raise CommandError(f"threshold value must be an int 0-65535, got {value!r}", recoverable=False)
+        raise CommandError(
+            f"threshold value must be an int 0-65535, got {value!r}", recoverable=False
+        )
     return writable[name].register, value
 
 

@@ -60,6 +60,14 @@ PROFILE = "es-wb1"
 DEDUP_WINDOW_S = 900.0  # > the 10 min an alarm flag may stay in adverts
 
 
+def _reraise_lost_cancel() -> None:
+    """Python 3.11's ``asyncio.wait_for`` (used inside bumble) can swallow a
+    cancellation that races with completion; do not carry on as if connected."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def normalize_address(address: str) -> str:
     """The one address form this driver reports and accepts."""
     return address.strip().upper()
@@ -75,7 +83,7 @@ class WristbandStats:
     occurrences: int = 0
     alarm_notifications: int = 0  # Alarm Event values received over GATT
     duplicates_suppressed: int = 0  # repeats of an event already reported
-    connects: int = 0
+    connects: int = 0  # connected and subscribed
     connect_failures: int = 0
     commands: int = 0
 
@@ -237,6 +245,7 @@ class WristbandDriver:
             dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             try:
                 await self._connect(band, dropped)
+                _reraise_lost_cancel()
                 delay = self.reconnect_delay_s
                 await dropped
                 log.info("%s: disconnected", band.address)
@@ -279,9 +288,8 @@ class WristbandDriver:
             **self._backend_kwargs,
         )
         band.client = client
-        async with self._connect_lock:  # most adapters handle one LE connect at a time
-            await asyncio.wait_for(client.connect(), self.connect_timeout_s)
-        self.stats.connects += 1
+        async with self._connect_lock, asyncio.timeout(self.connect_timeout_s):
+            await client.connect()  # most adapters handle one LE connect at a time
         callback = self._notify_callback(band.address, queue)
         await client.start_notify(gatt.ALARM_EVENT_UUID, callback)  # the one that matters
         for uuid in (gatt.BATTERY_LEVEL_UUID, gatt.HEART_RATE_MEASUREMENT_UUID):
@@ -292,6 +300,7 @@ class WristbandDriver:
                 data = bytes(await client.read_gatt_char(uuid))
                 queue.put_nowait(_GattValue(band.address, uuid, data, from_read=True))
         queue.put_nowait(_LinkUp(band.address))
+        self.stats.connects += 1
         band.connected.set()
         log.info("%s: connected and subscribed", band.address)
 
@@ -300,7 +309,8 @@ class WristbandDriver:
         band.connected.clear()
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.disconnect()
+                async with asyncio.timeout(self.connect_timeout_s):
+                    await client.disconnect()
 
     def _ensure_connection(self, band: _Band) -> None:
         if band.task is None and self._tasks is not None:
@@ -333,14 +343,12 @@ class WristbandDriver:
         band = self._band(address)
         self._ensure_connection(band)
         try:
-            await asyncio.wait_for(band.connected.wait(), self.command_timeout_s)
-            client = band.client
-            if client is None or not client.is_connected:
-                raise ConnectionError("connection dropped")
-            await asyncio.wait_for(
-                client.write_gatt_char(gatt.COMMAND_UUID, payload, response=True),
-                self.command_timeout_s,
-            )
+            async with asyncio.timeout(self.command_timeout_s):
+                await band.connected.wait()
+                client = band.client
+                if client is None or not client.is_connected:
+                    raise ConnectionError("connection dropped")
+                await client.write_gatt_char(gatt.COMMAND_UUID, payload, response=True)
         except Exception as exc:
             raise CommandError(
                 f"{address}: {command.action} failed: {exc!r}", recoverable=True

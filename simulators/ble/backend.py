@@ -94,7 +94,8 @@ class BumbleCentral:
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             if self._powered:
-                await self.device.power_off()
+                async with asyncio.timeout(5.0):
+                    await self.device.power_off()
         if self._transport is not None:
             await self._transport.close()
 
@@ -285,7 +286,8 @@ class BumbleClient(BaseBleakClient):
         connection = self._connection
         if connection is not None:
             with contextlib.suppress(Exception):
-                await connection.disconnect()
+                async with asyncio.timeout(5.0):  # the peer may be gone already
+                    await connection.disconnect()
             self._on_disconnection(0)
 
     async def pair(self, *args: Any, **kwargs: Any) -> None:

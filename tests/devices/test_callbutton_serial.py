@@ -43,10 +43,10 @@ class Collector:
             self._changed.notify_all()
 
     async def wait_for(
-        self, predicate: Callable[[Observation], bool], timeout: float = 3.0, start: int = 0
+        self, predicate: Callable[[Observation], bool], within_s: float = 3.0, start: int = 0
     ) -> Observation:
         """First observation from index ``start`` on that matches."""
-        async with asyncio.timeout(timeout), self._changed:
+        async with asyncio.timeout(within_s), self._changed:
             while True:
                 for item in self.items[start:]:
                     if predicate(item):
@@ -148,6 +148,7 @@ async def test_noise_and_corrupt_frames_are_counted_and_skipped(
         for kind in ("cut", "bad_crc", "unknown_type", "bad_length"):
             await sim.inject_corrupt_frame(kind)
         await sim.inject_noise(length=64)
+        await sim.send_event(OTHER, 0x09, repeats=1)  # CRC fine, event code unknown
         seq = await sim.press(BUTTON, repeats=1)
         occurrence = await sink.wait_for(is_occ(OccurrenceKind.SOS, ADDR))
         assert isinstance(occurrence, Occurrence)
@@ -158,6 +159,7 @@ async def test_noise_and_corrupt_frames_are_counted_and_skipped(
         assert c.unknown_type >= 1
         assert c.bad_length >= 1
         assert c.noise_bytes >= 8
+        assert c.decode_errors == 1
         # None of the broken frames (button 0xdead) got through.
         assert not [o for o in sink.items if getattr(o, "address", "") == "0000dead"]
 
@@ -206,8 +208,8 @@ async def test_receiver_offline_then_online() -> None:
         async with running(sim, receiver_offline_after_s=0.3) as (_, sink, _task):
 
             def offline(active: bool) -> Callable[[Observation], bool]:
-                return (
-                    lambda o: isinstance(o, Condition)
+                return lambda o: (
+                    isinstance(o, Condition)
                     and o.address == "receiver"
                     and o.kind == ConditionKind.OFFLINE
                     and o.active is active
@@ -215,7 +217,7 @@ async def test_receiver_offline_then_online() -> None:
 
             await sink.wait_for(offline(False))
             sim.go_silent()
-            await sink.wait_for(offline(True), timeout=2)
+            await sink.wait_for(offline(True), within_s=2)
             mark = len(sink.items)
             sim.resume()
             await sink.wait_for(offline(False), start=mark)
@@ -229,7 +231,7 @@ async def test_receiver_offline_then_online() -> None:
 async def test_button_supervision_timeout(sim: CallButtonReceiverSimulator) -> None:
     async with running(sim, buttons=[ADDR], button_supervision_s=0.2) as (_, sink, _task):
         await sink.wait_for(
-            lambda o: isinstance(o, Condition) and o.address == ADDR and o.active, timeout=2
+            lambda o: isinstance(o, Condition) and o.address == ADDR and o.active, within_s=2
         )
         await sim.supervision(BUTTON)
         await sink.wait_for(is_occ(OccurrenceKind.SUPERVISION, ADDR))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from device_drivers.modbus.driver import ModbusBusDriver, ModbusUnit
 from device_drivers.model import (
     Command,
     CommandAction,
@@ -22,7 +23,6 @@ from device_drivers.model import (
     OccurrenceKind,
     Reading,
 )
-from device_drivers.modbus.driver import ModbusBusDriver, ModbusUnit
 from simulators.modbus_sensors import ModbusSensorBus
 
 EF, SD, EF2 = 1, 2, 3
@@ -44,9 +44,9 @@ class Collector:
             self._changed.notify_all()
 
     async def wait_for(
-        self, predicate: Callable[[Observation], bool], timeout: float = 5.0, start: int = 0
+        self, predicate: Callable[[Observation], bool], within_s: float = 5.0, start: int = 0
     ) -> Any:
-        async with asyncio.timeout(timeout), self._changed:
+        async with asyncio.timeout(within_s), self._changed:
             while True:
                 for item in self.items[start:]:
                     if predicate(item):
@@ -54,14 +54,9 @@ class Collector:
                 await self._changed.wait()
 
 
-def condition(
-    address: str, kind: ConditionKind, active: bool
-) -> Callable[[Observation], bool]:
-    return (
-        lambda o: isinstance(o, Condition)
-        and o.address == address
-        and o.kind == kind
-        and o.active is active
+def condition(address: str, kind: ConditionKind, active: bool) -> Callable[[Observation], bool]:
+    return lambda o: (
+        isinstance(o, Condition) and o.address == address and o.kind == kind and o.active is active
     )
 
 
@@ -101,11 +96,15 @@ async def test_first_poll_brings_every_unit_online_with_readings(bus: ModbusSens
         for uid in (EF, SD, EF2):
             await sink.wait_for(condition(f"unit-{uid}", ConditionKind.OFFLINE, False))
         await sink.wait_for(lambda o: isinstance(o, Reading) and o.address == "unit-2")
-        sd_readings = {o.metric: o for o in sink.items if isinstance(o, Reading) and o.address == "unit-2"}
+        sd_readings = {
+            o.metric: o for o in sink.items if isinstance(o, Reading) and o.address == "unit-2"
+        }
         assert sd_readings["battery_pct"] == Reading("unit-2", "battery_pct", 95.0, "%")
         assert sd_readings["temperature_c"] == Reading("unit-2", "temperature_c", 21.5, "°C")
         assert LinkStatus("unit-2", online=True, battery=95) in sink.items
-        ef_metrics = {o.metric for o in sink.items if isinstance(o, Reading) and o.address == "unit-1"}
+        ef_metrics = {
+            o.metric for o in sink.items if isinstance(o, Reading) and o.address == "unit-1"
+        }
         assert ef_metrics == {
             "residual_current_ma",
             "cable_temp_c_1",
@@ -120,15 +119,19 @@ async def test_first_poll_brings_every_unit_online_with_readings(bus: ModbusSens
 async def test_leakage_creep_raises_residual_current(bus: ModbusSensorBus) -> None:
     async with running(bus.url) as (_, sink, _task):
         await sink.wait_for(condition("unit-1", ConditionKind.RESIDUAL_CURRENT, False))
-        bus.start_script(bus.leakage_creep(EF, start_ma=100, end_ma=450, step_ma=50, interval_s=0.03))
+        bus.start_script(
+            bus.leakage_creep(EF, start_ma=100, end_ma=450, step_ma=50, interval_s=0.03)
+        )
         alarm = await sink.wait_for(condition("unit-1", ConditionKind.RESIDUAL_CURRENT, True))
         assert alarm.data["residual_current_alarm"] is True
         assert alarm.data["residual_current_ma"] >= 300
         assert alarm.data["residual_current_threshold_ma"] == 300
         assert alarm.data["residual_current_early_warning"] is True
         await sink.wait_for(
-            lambda o: isinstance(o, Reading)
-            and o == Reading("unit-1", "residual_current_ma", 450.0, "mA")
+            lambda o: (
+                isinstance(o, Reading)
+                and o == Reading("unit-1", "residual_current_ma", 450.0, "mA")
+            )
         )
         # The early warning showed up before the alarm (250 mA >= 80 % of 300 mA).
         early = [
@@ -142,9 +145,7 @@ async def test_leakage_creep_raises_residual_current(bus: ModbusSensorBus) -> No
         assert early, "expected an early warning below the alarm threshold"
         # The other detector on the bus stayed quiet.
         assert not [
-            o
-            for o in sink.items
-            if isinstance(o, Condition) and o.address == "unit-3" and o.active
+            o for o in sink.items if isinstance(o, Condition) and o.address == "unit-3" and o.active
         ]
 
 
@@ -179,9 +180,7 @@ async def test_maintenance_bits_and_test_button(bus: ModbusSensorBus) -> None:
         bus.set_status_bit(SD, 4)  # test button
         await sink.wait_for(condition("unit-2", ConditionKind.LOW_BATTERY, True))
         await sink.wait_for(condition("unit-2", ConditionKind.TAMPER, True))
-        await sink.wait_for(
-            lambda o: isinstance(o, Occurrence) and o.kind == OccurrenceKind.TEST
-        )
+        await sink.wait_for(lambda o: isinstance(o, Occurrence) and o.kind == OccurrenceKind.TEST)
         await asyncio.sleep(5 * POLL_S)
         tests = [o for o in sink.items if isinstance(o, Occurrence)]
         assert len(tests) == 1, "a held test bit is one pulse"
@@ -203,7 +202,9 @@ async def test_unit_offline_after_three_failed_polls_then_back(bus: ModbusSensor
         offline_levels = [
             o.active
             for o in sink.items
-            if isinstance(o, Condition) and o.address == "unit-2" and o.kind == ConditionKind.OFFLINE
+            if isinstance(o, Condition)
+            and o.address == "unit-2"
+            and o.kind == ConditionKind.OFFLINE
         ]
         assert offline_levels == [False, True, False]
         assert driver.health[SD].consecutive_failures == 0
@@ -220,8 +221,11 @@ async def test_hush_writes_coil_zero(bus: ModbusSensorBus) -> None:
         ]
         mark = len(sink.items)
         silenced = await sink.wait_for(
-            lambda o: condition("unit-2", ConditionKind.SMOKE, True)(o)
-            and o.data["silenced"] is True,  # type: ignore[union-attr]
+            lambda o: (
+                isinstance(o, Condition)
+                and condition("unit-2", ConditionKind.SMOKE, True)(o)
+                and o.data["silenced"] is True
+            ),
             start=mark,
         )
         assert silenced.active  # hushed, but the smoke is still there
@@ -237,7 +241,11 @@ async def test_threshold_write_lands(bus: ModbusSensorBus) -> None:
             )
         )
         await driver.execute(
-            Command("unit-1", CommandAction.SET_THRESHOLD, {"register": "temperature_threshold", "value": 650})
+            Command(
+                "unit-1",
+                CommandAction.SET_THRESHOLD,
+                {"register": "temperature_threshold", "value": 650},
+            )
         )
         assert [(w.unit, w.function, w.address, w.value) for w in bus.register_writes()] == [
             (EF, "write_register", 11, 500),
@@ -246,9 +254,11 @@ async def test_threshold_write_lands(bus: ModbusSensorBus) -> None:
         assert bus.get_register(EF, 11) == 500
         mark = len(sink.items)
         rc = await sink.wait_for(
-            lambda o: isinstance(o, Condition)
-            and o.address == "unit-1"
-            and o.kind == ConditionKind.RESIDUAL_CURRENT,
+            lambda o: (
+                isinstance(o, Condition)
+                and o.address == "unit-1"
+                and o.kind == ConditionKind.RESIDUAL_CURRENT
+            ),
             start=mark,
         )
         assert rc.data["residual_current_threshold_ma"] == 500
@@ -256,10 +266,12 @@ async def test_threshold_write_lands(bus: ModbusSensorBus) -> None:
         bus.set_residual_current(EF, 450)
         mark = len(sink.items)
         rc = await sink.wait_for(
-            lambda o: isinstance(o, Condition)
-            and o.address == "unit-1"
-            and o.kind == ConditionKind.RESIDUAL_CURRENT
-            and o.data["residual_current_ma"] == 450,
+            lambda o: (
+                isinstance(o, Condition)
+                and o.address == "unit-1"
+                and o.kind == ConditionKind.RESIDUAL_CURRENT
+                and o.data["residual_current_ma"] == 450
+            ),
             start=mark,
         )
         assert rc.active is False and rc.data["residual_current_early_warning"] is True
@@ -303,3 +315,16 @@ async def test_execute_before_run_is_recoverable() -> None:
     with pytest.raises(CommandError) as err:
         await driver.execute(Command("unit-1", CommandAction.HUSH))
     assert err.value.recoverable
+
+
+async def test_run_raises_when_the_bus_goes_away() -> None:
+    sensors = ModbusSensorBus({EF: "es-ef1"})
+    url = await sensors.start()
+    driver = ModbusBusDriver(url, [ModbusUnit(EF, "es-ef1", POLL_S)], request_timeout_s=0.1)
+    sink = Collector()
+    task = asyncio.create_task(driver.run(sink))
+    await sink.wait_for(lambda o: isinstance(o, Reading))
+    await sensors.stop()
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(task, 5)
+    assert not driver.connected.is_set()

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.model import Condition, ConditionKind, DecodeError, Reading
 from device_drivers.modbus.registers import (
     ES_EF1,
     ES_SD1,
@@ -22,14 +21,13 @@ from device_drivers.modbus.registers import (
     decode_values,
     readings_from,
 )
+from device_drivers.model import Condition, ConditionKind, DecodeError, Reading
 from device_drivers.profiles import get
 
 # status b0 (residual-current alarm) + b4 (sensor open circuit); 450 mA; channels
 # 23.4 °C, -5.0 °C, not fitted, 71.2 °C; 230.1 V; 12.34 A; 2840 W; 1234.56 kWh;
 # thresholds 300 mA and 70.0 °C.
-EF1_BLOCK = [
-    0b010001, 450, 234, 0xFFCE, 0x8000, 712, 2301, 1234, 2840, 0x0001, 0xE240, 300, 700
-]
+EF1_BLOCK = [0b010001, 450, 234, 0xFFCE, 0x8000, 712, 2301, 1234, 2840, 0x0001, 0xE240, 300, 700]
 EF1_STATE = ElectricalFireState(
     status=0b010001,
     residual_current_alarm=True,
@@ -144,7 +142,9 @@ def test_ef1_conditions_every_poll_with_early_warning_data() -> None:
                 "temperature_threshold_c": 70.0,
             },
         ),
-        Condition(a, ConditionKind.OVER_CURRENT, False, {"over_current_alarm": False, "current_a": 12.34}),
+        Condition(
+            a, ConditionKind.OVER_CURRENT, False, {"over_current_alarm": False, "current_a": 12.34}
+        ),
         Condition(
             a,
             ConditionKind.DEVICE_FAULT,
@@ -191,13 +191,17 @@ def test_bad_blocks_raise_decode_error(regmap: RegisterMap, block: list[int], wh
 @pytest.mark.parametrize("regmap", list(REGISTER_MAPS.values()))
 def test_map_is_consistent_with_its_state_dataclass(regmap: RegisterMap) -> None:
     """The table drives the decoder: names must line up, registers must tile the block."""
-    state_fields = {f.name for f in dataclasses.fields(type(decode_block(regmap, [0] * regmap.poll_count)))}
+    state_fields = {
+        f.name for f in dataclasses.fields(type(decode_block(regmap, [0] * regmap.poll_count)))
+    }
     names = [f.name for f in regmap.fields] + [b.name for b in regmap.status_bits]
     assert set(names) <= state_fields
     assert len(names) == len(set(names))
     covered = [r for f in regmap.fields for r in range(f.register, f.register + f.words)]
     assert sorted(covered) == list(range(regmap.poll_start, regmap.poll_start + regmap.poll_count))
-    assert [f for f in regmap.fields if f.role is Role.STATUS][0].register == regmap.status_register
+    assert (
+        next(f for f in regmap.fields if f.role is Role.STATUS).register == regmap.status_register
+    )
 
 
 def test_profiles_registered_as_data() -> None:
@@ -225,5 +229,10 @@ def test_random_blocks_decode_or_raise_decode_error(regmap: RegisterMap, block: 
 def test_any_ef1_block_of_uint16_decodes(block: list[int]) -> None:
     state = decode_block(ES_EF1, block)
     assert isinstance(state, ElectricalFireState)
-    for t in (state.cable_temp_c_1, state.cable_temp_c_2, state.cable_temp_c_3, state.cable_temp_c_4):
+    for t in (
+        state.cable_temp_c_1,
+        state.cable_temp_c_2,
+        state.cable_temp_c_3,
+        state.cable_temp_c_4,
+    ):
         assert t is None or -3276.8 <= t <= 3276.7
