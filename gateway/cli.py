@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,6 +93,17 @@ def cmd_edge(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.simulate import BrokerLogin, run_scenario
+    from simulators.scenario import load_scenario
+
+    password = os.environ.get(args.password_env or "", args.password or "")
+    broker = BrokerLogin(args.host, args.port, args.username, password)
+    return asyncio.run(run_scenario(load_scenario(args.scenario), broker, Path(args.state_dir)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eldersafe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -125,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edge", help="run a site's edge gateway (drivers, outbox, MQTT)")
     p.add_argument("--config", required=True, help="site config YAML")
     p.set_defaults(func=cmd_edge)
+
+    p = sub.add_parser("simulate", help="run a scenario: simulated devices and an edge")
+    p.add_argument("scenario", help="a scenario name (simulators/scenarios) or a YAML file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    p.add_argument("--username", required=True, help="the site gateway's broker account")
+    p.add_argument("--password")
+    p.add_argument("--password-env", help="read the password from this environment variable")
+    p.add_argument("--state-dir", default=".local/simulate")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 

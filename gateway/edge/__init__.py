@@ -1,0 +1,1 @@
+"""The edge gateway process: site config, driver supervision, durable outbox, downlink."""

@@ -1,0 +1,156 @@
+"""``eldersafe edge``: one site's gateway process (drivers → outbox → MQTT, commands back).
+
+Start order matters for the promises: the outbox opens first (events produced
+before the broker is reachable are kept), then the MQTT client (its last will
+is registered with the connection), then the drivers. On SIGTERM the edge
+publishes an offline status itself (a clean disconnect does not fire the will)
+and stops; on SIGKILL the broker publishes the will and the next start resumes
+the outbox where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.contract.topics import site_filter
+from gateway.edge import drivers as driver_factory
+from gateway.edge.commands import CommandRouter
+from gateway.edge.config import EdgeConfig, load_config
+from gateway.edge.outbox import AsyncOutbox, Outbox
+from gateway.edge.pipeline import EdgePipeline
+from gateway.edge.supervisor import Backoff, Supervisor
+from gateway.mqtt.client import MqttClient, MqttSettings, Will
+
+log = logging.getLogger(__name__)
+
+
+async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    outbox = AsyncOutbox(Outbox(config.state_dir / "outbox.sqlite3"))
+    slots, routes = driver_factory.build(config)
+    pending = await outbox.pending()
+    log.info(
+        "edge %s/%s starting: %d drivers, %d events waiting in the outbox",
+        config.site,
+        config.gateway,
+        len(slots),
+        pending,
+    )
+
+    settings = MqttSettings(
+        host=config.broker.host,
+        port=config.broker.port,
+        client_id=config.client_id,
+        username=config.broker.username,
+        password=config.broker.resolved_password(),
+        keepalive_s=config.broker.keepalive_s,
+        session_expiry_s=config.broker.session_expiry_s,
+        reconnect_max_s=config.broker.reconnect_max_s,
+        tls_ca_file=str(config.broker.tls_ca_file) if config.broker.tls_ca_file else None,
+        subscriptions=((site_filter(config.site, "command"), 1),),
+    )
+    supervisor: Supervisor | None = None
+    pipeline: EdgePipeline | None = None
+
+    def on_connect() -> None:
+        if pipeline is not None:
+            pipeline.mark_gateway_dirty()  # birth message on every connection
+            pipeline.wake_pump()
+
+    # The will is fixed at connect time; build it from a throwaway pipeline view.
+    client = MqttClient(settings, on_connect=on_connect)
+    pipeline = EdgePipeline(config, outbox, client)
+    client.will = Will(pipeline.gateway_topic, pipeline.gateway_status(False), qos=1, retain=True)
+    supervisor = Supervisor(
+        slots,
+        pipeline.sink_for,
+        backoff=Backoff(
+            config.supervision.backoff_initial_s,
+            config.supervision.backoff_max_s,
+            config.supervision.stable_after_s,
+        ),
+        on_change=pipeline.mark_gateway_dirty,
+        on_down_too_long=pipeline.report_driver_down,
+    )
+    pipeline.driver_states = supervisor.states
+    router = CommandRouter(config.site, routes, supervisor.drivers, outbox)
+    started = time.time()
+    failure: BaseException | None = None
+
+    def health_extra() -> dict[str, Any]:
+        assert supervisor is not None
+        now = time.monotonic()
+        return {
+            "started": started,
+            "commands": dict(router.outcomes),
+            "drivers": {
+                s.name: {
+                    "state": s.state.value,
+                    "restarts": s.restarts,
+                    "last_error": s.last_error,
+                    "observations": s.observations,
+                    "last_observation_age_s": None
+                    if s.last_observation is None
+                    else round(now - s.last_observation, 3),
+                }
+                for s in supervisor.slots.values()
+            },
+        }
+
+    try:
+        async with client:
+            tasks = [
+                asyncio.create_task(pipeline.event_pump(), name="event-pump"),
+                asyncio.create_task(pipeline.gateway_status_loop(), name="gateway-status"),
+                asyncio.create_task(pipeline.status_loop(), name="device-status"),
+                asyncio.create_task(pipeline.telemetry_loop(), name="telemetry"),
+                asyncio.create_task(
+                    pipeline.housekeeping_loop(config.state_dir / "health.json", health_extra),
+                    name="housekeeping",
+                ),
+                asyncio.create_task(router.run(client), name="commands"),
+                asyncio.create_task(supervisor.run(), name="supervisor"),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and not task.cancelled():
+                    failure = task.exception() or RuntimeError(f"{task.get_name()} returned")
+                    log.critical("edge task %s failed", task.get_name(), exc_info=failure)
+            for task in [*tasks, stopper]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            if client.connected.is_set():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        client.publish_and_wait(
+                            pipeline.gateway_topic, pipeline.gateway_status(False), retain=True
+                        ),
+                        3,
+                    )
+    finally:
+        await outbox.close()
+    if failure is not None:
+        raise RuntimeError("edge stopped on an internal failure") from failure
+    log.info("edge stopped")
+
+
+def run_edge(config_path: str | Path) -> int:
+    config = load_config(config_path)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_edge_async(config, stop)
+
+    asyncio.run(main())
+    return 0
