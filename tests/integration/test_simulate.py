@@ -150,3 +150,64 @@ async def test_downlink_acknowledge_reaches_the_wristband_and_the_button(
             assert ack.button_id == 0x0001E240 and ack.pattern == 2  # "help is coming"
     finally:
         watcher.close()
+
+
+async def test_modbus_telemetry_flows_while_the_alarms_arrive(scenario_broker, tmp_path) -> None:
+    scenario = load_scenario("leakage-creeping-up")
+    watcher = Collector(
+        scenario_broker.port, "server", SERVER_PASSWORD, f"eldersafe/v1/{scenario.site}/#"
+    )
+    try:
+        await run(scenario, scenario_broker, tmp_path / "sim", tmp_path / "edge.log", watcher)
+        readings = [
+            reading
+            for topic, payload in list(watcher.messages)
+            if topic == f"eldersafe/v1/{scenario.site}/ef-zhao/telemetry"
+            for reading in orjson.loads(payload)["readings"]
+        ]
+        leakage = [r["value"] for r in readings if r["metric"] == "residual_current_ma"]
+        assert len(leakage) >= 5 and max(leakage) >= 300
+        assert {"voltage_v", "current_a", "cable_temp_c_1"} <= {r["metric"] for r in readings}
+    finally:
+        watcher.close()
+
+
+async def test_a_receiver_silent_for_90_s_is_reported_offline(scenario_broker, tmp_path) -> None:
+    """The real default (90 s, DEVICES.md §2), through the edge process, not a shortened timer."""
+    scenario = load_scenario("fall-at-home-at-night")
+    topic = f"eldersafe/v1/{scenario.site}/receiver-wang/event"
+    watcher = Collector(scenario_broker.port, "server", SERVER_PASSWORD, topic)
+    login = BrokerLogin("127.0.0.1", scenario_broker.port, scenario.gateway, GATEWAY_SECRET)
+    try:
+        async with simulation(
+            scenario, login, tmp_path / "sim", log_path=tmp_path / "e.log"
+        ) as sim:
+            receiver = sim.site.receivers["receiver-wang"]
+            await asyncio.sleep(3)  # the edge has read the receiver's first frames
+            await receiver.send_status()
+            receiver.go_silent()
+            silent_at = asyncio.get_running_loop().time()
+
+            def offline() -> list[dict[str, object]]:
+                return [
+                    ev
+                    for _, ev in events(watcher)
+                    if ev["type"] == "device_offline" and ev["phase"] == "raise"
+                ]
+
+            await wait_until(lambda: bool(offline()), 120, "the receiver's offline event")
+            elapsed = asyncio.get_running_loop().time() - silent_at
+            assert 85 <= elapsed <= 110, f"reported offline after {elapsed:.0f} s of silence"
+            receiver.resume()
+            await receiver.send_status()
+            await wait_until(
+                lambda: any(
+                    ev["type"] == "device_offline" and ev["phase"] == "clear"
+                    for _, ev in events(watcher)
+                ),
+                20,
+                "back online",
+            )
+            assert len(offline()) == 1
+    finally:
+        watcher.close()
