@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
+
+from device_drivers.model import Observation
 
 SERVER_PASSWORD = "server-test-secret"
 GATEWAY_PASSWORDS = {"gw-site-a": "secret-a", "gw-site-b": "secret-b"}
@@ -249,3 +252,31 @@ class EventStream:
         self._conn.client.disconnect()
         self._conn.client.loop_stop()
         return self.ids
+
+
+class ObservationCollector:
+    """A driver's ObservationSink that tests can wait on."""
+
+    def __init__(self, within_s: float = 3.0) -> None:
+        self.items: list[Observation] = []
+        self.within_s = within_s
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, observation: Observation) -> None:
+        async with self._changed:
+            self.items.append(observation)
+            self._changed.notify_all()
+
+    async def wait_for(
+        self,
+        predicate: Callable[[Observation], bool],
+        within_s: float | None = None,
+        start: int = 0,
+    ) -> Any:
+        """First observation from index ``start`` on that matches."""
+        async with asyncio.timeout(within_s or self.within_s), self._changed:
+            while True:
+                for item in self.items[start:]:
+                    if predicate(item):
+                        return item
+                await self._changed.wait()

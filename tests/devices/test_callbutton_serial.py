@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from support import ObservationCollector
 
 from device_drivers.callbutton.driver import CallButtonReceiverDriver
 from device_drivers.model import (
@@ -30,29 +31,7 @@ OTHER = 0x00ABCDEF
 pytestmark = pytest.mark.timeout(20)
 
 
-class Collector:
-    """An ObservationSink that tests can wait on."""
-
-    def __init__(self) -> None:
-        self.items: list[Observation] = []
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, observation: Observation) -> None:
-        async with self._changed:
-            self.items.append(observation)
-            self._changed.notify_all()
-
-    async def wait_for(
-        self, predicate: Callable[[Observation], bool], within_s: float = 3.0, start: int = 0
-    ) -> Observation:
-        """First observation from index ``start`` on that matches."""
-        async with asyncio.timeout(within_s), self._changed:
-            while True:
-                for item in self.items[start:]:
-                    if predicate(item):
-                        return item
-                await self._changed.wait()
-
+class Collector(ObservationCollector):
     def of(self, cls: type[Any], **attrs: Any) -> list[Any]:
         return [
             o

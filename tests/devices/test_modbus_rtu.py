@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from support import ObservationCollector
 
 from device_drivers.modbus.driver import ModbusBusDriver, ModbusUnit
 from device_drivers.model import (
@@ -31,27 +32,8 @@ POLL_S = 0.05
 pytestmark = pytest.mark.timeout(30)
 
 
-class Collector:
-    """An ObservationSink that tests can wait on."""
-
-    def __init__(self) -> None:
-        self.items: list[Observation] = []
-        self._changed = asyncio.Condition()
-
-    async def __call__(self, observation: Observation) -> None:
-        async with self._changed:
-            self.items.append(observation)
-            self._changed.notify_all()
-
-    async def wait_for(
-        self, predicate: Callable[[Observation], bool], within_s: float = 5.0, start: int = 0
-    ) -> Any:
-        async with asyncio.timeout(within_s), self._changed:
-            while True:
-                for item in self.items[start:]:
-                    if predicate(item):
-                        return item
-                await self._changed.wait()
+def Collector() -> ObservationCollector:
+    return ObservationCollector(within_s=5.0)
 
 
 def condition(address: str, kind: ConditionKind, active: bool) -> Callable[[Observation], bool]:
@@ -73,7 +55,7 @@ async def bus() -> AsyncIterator[ModbusSensorBus]:
 @contextlib.asynccontextmanager
 async def running(
     url: str, **kw: Any
-) -> AsyncIterator[tuple[ModbusBusDriver, Collector, asyncio.Task[None]]]:
+) -> AsyncIterator[tuple[ModbusBusDriver, ObservationCollector, asyncio.Task[None]]]:
     units = [
         ModbusUnit(EF, "es-ef1", POLL_S),
         ModbusUnit(SD, "es-sd1", POLL_S),
