@@ -109,9 +109,8 @@ async def test_one_crashing_driver_does_not_stop_the_others() -> None:
     assert good.runs == 1
 
 
-async def test_driver_down_too_long_reports_its_devices_once() -> None:
-    driver = CrashingDriver(crashes=10**6)  # never comes back
-    slot = DriverSlot("modbus", driver, down_offline_after_s=0.1)
+def _supervised_with_down_log(slot: DriverSlot) -> tuple[Supervisor, list[str]]:
+    """A supervisor over one slot that records every "down too long" report."""
     down: list[str] = []
 
     async def on_down(name: str) -> None:
@@ -126,6 +125,13 @@ async def test_driver_down_too_long_reports_its_devices_once() -> None:
     supervisor = Supervisor(
         [slot], sink_for, backoff=Backoff(0.01, 0.02, stable_after_s=10), on_down_too_long=on_down
     )
+    return supervisor, down
+
+
+async def test_driver_down_too_long_reports_its_devices_once() -> None:
+    driver = CrashingDriver(crashes=10**6)  # never comes back
+    slot = DriverSlot("modbus", driver, down_offline_after_s=0.1)
+    supervisor, down = _supervised_with_down_log(slot)
     await _run(supervisor, None, limit_s=0.5)
     assert down == ["modbus"]  # a crash loop is "down"; reported once, not per restart
     assert slot.restarts > 5
@@ -134,19 +140,6 @@ async def test_driver_down_too_long_reports_its_devices_once() -> None:
 async def test_driver_back_before_limit_is_not_reported() -> None:
     driver = CrashingDriver(crashes=2)
     slot = DriverSlot("cb", driver, down_offline_after_s=0.5)
-    down: list[str] = []
-
-    async def on_down(name: str) -> None:
-        down.append(name)
-
-    def sink_for(name: str) -> ObservationSink:
-        async def sink(o: Observation) -> None:
-            pass
-
-        return sink
-
-    supervisor = Supervisor(
-        [slot], sink_for, backoff=Backoff(0.01, 0.02, stable_after_s=10), on_down_too_long=on_down
-    )
+    supervisor, down = _supervised_with_down_log(slot)
     await _run(supervisor, None, limit_s=0.8)
     assert driver.running.is_set() and down == [] and slot.down_since is None
