@@ -20,6 +20,9 @@ class Profile:
     poll_interval_s: float | None = None  # for polled transports
     decoder: Callable[..., Any] | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    # downlink actions the device can carry out (``CommandAction`` values); the
+    # edge refuses anything else before it reaches the wire
+    commands: frozenset[str] = frozenset()
 
 
 _REGISTRY: dict[str, Profile] = {}

@@ -17,6 +17,7 @@ PROFILE = register(
         description="One-key call buttons through a 9600 8N1 serial receiver",
         offline_after_s=90.0,
         decoder=decode_frame,
+        commands=frozenset({"acknowledge", "alarm_received"}),
         params={
             "driver": "device_drivers.callbutton.driver:CallButtonReceiverDriver",
             "baudrate": 9600,

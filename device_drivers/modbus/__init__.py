@@ -12,7 +12,7 @@ from device_drivers.modbus.registers import ES_EF1, ES_SD1, RegisterMap, decode_
 from device_drivers.profiles import Profile, register
 
 
-def _profile(regmap: RegisterMap, description: str) -> Profile:
+def _profile(regmap: RegisterMap, description: str, commands: frozenset[str]) -> Profile:
     return register(
         Profile(
             name=regmap.profile,
@@ -20,6 +20,7 @@ def _profile(regmap: RegisterMap, description: str) -> Profile:
             description=description,
             poll_interval_s=regmap.poll_interval_s,
             decoder=partial(decode_block, regmap),
+            commands=commands,
             params={
                 "driver": "device_drivers.modbus.driver:ModbusBusDriver",
                 "register_map": regmap,
@@ -30,7 +31,14 @@ def _profile(regmap: RegisterMap, description: str) -> Profile:
     )
 
 
-ES_EF1_PROFILE = _profile(ES_EF1, "Electrical-fire detector: residual current, cable temperature")
-ES_SD1_PROFILE = _profile(ES_SD1, "Photoelectric smoke detector, networked")
+# DEVICES.md 3: only es-sd1 has the hush coil; es-ef1 has writable thresholds
+ES_EF1_PROFILE = _profile(
+    ES_EF1,
+    "Electrical-fire detector: residual current, cable temperature",
+    frozenset({"set_threshold"}),
+)
+ES_SD1_PROFILE = _profile(
+    ES_SD1, "Photoelectric smoke detector, networked", frozenset({"hush"})
+)
 
 __all__ = ["ES_EF1_PROFILE", "ES_SD1_PROFILE"]

@@ -14,6 +14,7 @@ ES_WB1 = register(
         description="Smart wristband: SOS button, fall detection, heart rate, SpO2, steps",
         offline_after_s=300.0,
         decoder=decode_advert,
+        commands=frozenset({"acknowledge", "locate", "set_clock"}),
         params={
             "company_id": COMPANY_ID,
             "name_prefix": NAME_PREFIX,

@@ -124,12 +124,38 @@ class CommandPayload(_Strict):
     alert_id: uuid.UUID | None = None
 
 
+class CommandOutcome(StrEnum):
+    """How the edge answered a command id (a redelivered command repeats its first answer)."""
+
+    EXECUTED = "executed"  # the device took it (written and acknowledged on its link)
+    REFUSED = "refused"  # not carried out: unknown device, action beyond its profile, bad args
+    UNREACHABLE = "unreachable"  # the device or its line did not answer after the retries
+
+
+class CommandResultPayload(_Strict):
+    """``…/{device}/command/result``, QoS 1: the edge's answer to one ``command_id``.
+
+    It is how the console learns that the elder's wristband really vibrated
+    ("help is coming") or that the button's LED lit.
+    """
+
+    v: Literal[1]
+    command_id: uuid.UUID
+    action: CommandAction
+    outcome: CommandOutcome
+    time: AwareDatetime
+    reason: Annotated[str, StringConstraints(max_length=256)] | None = None
+    via: Annotated[str, StringConstraints(max_length=64)] | None = None  # the driver that did it
+    alert_id: uuid.UUID | None = None
+
+
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
     "event": EventPayload,
     "telemetry": TelemetryPayload,
     "status": StatusPayload,
     "gateway-status": GatewayStatusPayload,
     "command": CommandPayload,
+    "command-result": CommandResultPayload,
 }
 
 

@@ -14,6 +14,8 @@ from enum import StrEnum
 ROOT = "eldersafe/v1"
 ID_PATTERN = r"[a-z0-9-]{1,64}"
 _ID = re.compile(rf"^{ID_PATTERN}$")
+# ``gateway`` names the gateway-status branch of a site; no device may take it
+RESERVED_DEVICE_IDS = frozenset({"gateway"})
 
 
 class TopicError(ValueError):
@@ -25,6 +27,7 @@ class Channel(StrEnum):
     TELEMETRY = "telemetry"
     STATUS = "status"
     COMMAND = "command"
+    COMMAND_RESULT = "command/result"  # the edge's answer to one command id
 
 
 def valid_id(value: str) -> bool:
@@ -48,6 +51,8 @@ class DeviceTopic:
     def __post_init__(self) -> None:
         _check("site", self.site)
         _check("device", self.device)
+        if self.device in RESERVED_DEVICE_IDS:
+            raise TopicError(f"device id {self.device!r} is reserved")
 
     def __str__(self) -> str:
         return f"{ROOT}/{self.site}/{self.device}/{self.channel.value}"
@@ -83,6 +88,8 @@ def parse_topic(topic: str) -> Topic:
         return DeviceTopic(parts[2], parts[3], channel)
     if len(parts) == 6 and parts[3] == "gateway" and parts[5] == "status":
         return GatewayStatusTopic(parts[2], parts[4])
+    if len(parts) == 6 and parts[4] == "command" and parts[5] == "result":
+        return DeviceTopic(parts[2], parts[3], Channel.COMMAND_RESULT)
     raise TopicError(f"topic {topic!r} has no place in the contract")
 
 

@@ -1,0 +1,39 @@
+-- eldersafe schema v2: what the hardening of ingest, the broker session and the
+-- downlink needs. Each section belongs to one part of the server.
+
+-- Dead letters keep a bounded prefix of a huge payload with its full length and
+-- a digest; the digest makes a redelivered dead letter one row, not two.
+ALTER TABLE dead_letters
+    ADD COLUMN payload_length   integer,
+    ADD COLUMN digest           bytea,
+    ADD COLUMN occurrences      integer NOT NULL DEFAULT 1,
+    ADD COLUMN last_received_at timestamptz;
+CREATE UNIQUE INDEX dead_letters_digest ON dead_letters (digest);
+
+-- The edge's answer to each downlink command (…/{device}/command/result):
+-- one row per command id, however often the answer is redelivered.
+CREATE TABLE command_results (
+    command_id  uuid PRIMARY KEY,
+    site_id     text NOT NULL,
+    device_id   text NOT NULL,
+    action      text NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('executed', 'refused', 'unreachable')),
+    reason      text,
+    via         text,
+    alert_id    uuid,
+    time        timestamptz NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX command_results_alert ON command_results (alert_id) WHERE alert_id IS NOT NULL;
+CREATE INDEX command_results_device ON command_results (site_id, device_id, time DESC);
+
+-- Incidents of the server's own MQTT session (a session the broker lost or that
+-- another client took over): what the console shows as the server's health.
+CREATE TABLE mqtt_session_incidents (
+    id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time      timestamptz NOT NULL DEFAULT now(),
+    client_id text NOT NULL,
+    kind      text NOT NULL CHECK (kind IN ('session_lost', 'taken_over')),
+    detail    text NOT NULL DEFAULT ''
+);
+CREATE INDEX mqtt_session_incidents_time ON mqtt_session_incidents (time DESC);
