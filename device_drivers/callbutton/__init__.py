@@ -1,31 +1,13 @@
 """es-cb1: wireless call buttons behind a serial receiver (DEVICES.md section 2).
 
-Importing the package registers the profile; the layers are ``codec`` (bytes
-<-> dataclasses), ``framing`` (byte stream -> frames) and ``driver`` (serial
-port, dedup, offline timers).
+Importing the package registers the profile and ``kind: callbutton``; the
+layers are ``codec`` (bytes <-> dataclasses), ``framing`` (byte stream ->
+frames) and ``driver`` (serial port, dedup, offline timers).
 """
 
 from __future__ import annotations
 
-from device_drivers.callbutton.codec import decode_frame
-from device_drivers.profiles import Profile, register
+from device_drivers.callbutton.kind import CallButtonDriverConfig
+from device_drivers.callbutton.profile import PROFILE
 
-PROFILE = register(
-    Profile(
-        name="es-cb1",
-        transport="serial",
-        description="One-key call buttons through a 9600 8N1 serial receiver",
-        offline_after_s=90.0,
-        decoder=decode_frame,
-        commands=frozenset({"acknowledge", "alarm_received"}),
-        params={
-            "driver": "device_drivers.callbutton.driver:CallButtonReceiverDriver",
-            "baudrate": 9600,
-            "dedup_window_s": 60.0,
-            "button_supervision_s": 3600.0,
-            "repeats_per_event": 3,
-        },
-    )
-)
-
-__all__ = ["PROFILE"]
+__all__ = ["PROFILE", "CallButtonDriverConfig"]

@@ -18,6 +18,7 @@ from device_drivers.model import DecodeError
 __all__ = [
     "EXPECTED_LENGTH",
     "MAX_FRAME_LENGTH",
+    "RECEIVER_ADDRESS",
     "SYNC",
     "AckPattern",
     "Acknowledge",
@@ -73,6 +74,9 @@ MAX_FRAME_LENGTH = 2 + 1 + max(EXPECTED_LENGTH.values()) + 2
 _EVENT = struct.Struct(">IBBbB")  # button_id, event, battery, rssi, seq
 _STATUS = struct.Struct(">IB")  # uptime, firmware
 _ACK = struct.Struct(">IB")  # button_id, pattern
+
+
+RECEIVER_ADDRESS = "receiver"  # the receiver itself, as a device of the site
 
 
 def button_address(button_id: int) -> str:

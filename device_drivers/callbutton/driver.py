@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 
 from device_drivers.callbutton.codec import (
+    RECEIVER_ADDRESS,
     AckPattern,
     ButtonEvent,
     ButtonEventCode,
@@ -48,8 +49,6 @@ from device_drivers.model import (
 __all__ = ["RECEIVER_ADDRESS", "CallButtonReceiverDriver", "SerialOpener", "open_serial_port"]
 
 log = logging.getLogger(__name__)
-
-RECEIVER_ADDRESS = "receiver"
 
 SerialOpener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 

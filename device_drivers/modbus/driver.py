@@ -26,8 +26,8 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 
+from device_drivers.modbus import register_map
 from device_drivers.modbus.registers import (
-    REGISTER_MAPS,
     RegisterMap,
     conditions_from,
     decode_values,
@@ -67,14 +67,16 @@ class ModbusUnit:
     """One detector on the bus. ``poll_interval_s`` overrides the profile's."""
 
     unit_id: int
-    profile: str  # "es-ef1" | "es-sd1" (any key of REGISTER_MAPS)
+    profile: str  # any registered Modbus profile: "es-ef1", "es-sd1", a vendor's
     poll_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.unit_id <= 247:
             raise ValueError(f"Modbus unit id must be 1-247, got {self.unit_id}")
-        if self.profile not in REGISTER_MAPS:
-            raise ValueError(f"unknown Modbus profile {self.profile!r}")
+        try:
+            register_map(self.profile)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
 
 
 @dataclass(slots=True)
@@ -137,7 +139,7 @@ class ModbusBusDriver:
         self.connected = asyncio.Event()
 
     def _interval(self, unit: ModbusUnit) -> float:
-        return unit.poll_interval_s or REGISTER_MAPS[unit.profile].poll_interval_s
+        return unit.poll_interval_s or register_map(unit.profile).poll_interval_s
 
     # -- session ---------------------------------------------------------------------
 
@@ -172,7 +174,7 @@ class ModbusBusDriver:
     async def _poll(
         self, client: AsyncModbusSerialClient, unit: ModbusUnit, sink: ObservationSink
     ) -> None:
-        regmap = REGISTER_MAPS[unit.profile]
+        regmap = register_map(unit.profile)
         health = self.health[unit.unit_id]
         address = unit_address(unit.unit_id)
         health.polls += 1
@@ -267,7 +269,7 @@ class ModbusBusDriver:
         unit = self.units.get(unit_id)
         if unit is None:
             raise CommandError(f"{command.address} is not on bus {self.port}", recoverable=False)
-        regmap = REGISTER_MAPS[unit.profile]
+        regmap = register_map(unit.profile)
         client = self._client
         if client is None or not client.connected:
             raise CommandError(f"Modbus port {self.port} not open", recoverable=True)

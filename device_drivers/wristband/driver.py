@@ -1,14 +1,15 @@
-"""The `es-wb1` wristband reader: bleak scanner + GATT connections -> observations.
+"""The `es-wb1` wristband reader's BLE side: bleak scanner + GATT connections.
 
-Layering: ``advert``/``gatt`` decode bytes (pure); this module owns time, state
-and I/O. It touches only bleak's public API (``BleakScanner``, ``BleakClient``)
-so the same code runs over BlueZ in production and over the project's bumble
-backend in tests; the backend classes and their extra keyword arguments are
-constructor parameters (``None`` = bleak's platform default).
+Layering: ``advert``/``gatt`` decode bytes (pure); ``state`` is the alarm state
+machine (dedup, telemetry pacing, silence), driven by the injected clock; this
+module owns the I/O. It touches only bleak's public API (``BleakScanner``,
+``BleakClient``) so the same code runs over BlueZ in production and over the
+project's bumble backend (``device_drivers.ble``); the backend classes and their
+extra keyword arguments are constructor parameters (``None`` = bleak's default).
 
 Bleak callbacks (adverts, notifications, disconnects) only put items on one
-queue or settle a future; a single consumer turns items into observations and
-awaits the sink, so observations leave in order and with back-pressure.
+queue or settle a future; a single consumer hands items to the state machine
+and awaits the sink, so observations leave in order and with back-pressure.
 
 Addresses: ``BLEDevice.address`` upper-cased (``AA:BB:CC:DD:EE:FF`` as BlueZ
 reports it; a UUID on macOS). Configured addresses are normalised the same way.
@@ -34,30 +35,22 @@ from device_drivers.model import (
     Command,
     CommandAction,
     CommandError,
-    Condition,
-    ConditionKind,
-    DecodeError,
-    LinkStatus,
     Observation,
     ObservationSink,
-    Occurrence,
-    OccurrenceKind,
-    Reading,
-    Scalar,
 )
 from device_drivers.wristband import gatt
-from device_drivers.wristband.advert import (
-    COMPANY_ID,
-    WristbandAdvert,
-    decode_advert,
-    is_wristband_name,
-    raw_has_alarm,
+from device_drivers.wristband.advert import COMPANY_ID, raw_has_alarm
+from device_drivers.wristband.state import (
+    DEDUP_WINDOW_S,
+    PROFILE,
+    WristbandStats,
+    WristbandTracker,
+    normalize_address,
 )
 
-log = logging.getLogger(__name__)
+__all__ = ["DEDUP_WINDOW_S", "WristbandDriver", "WristbandStats", "normalize_address"]
 
-PROFILE = "es-wb1"
-DEDUP_WINDOW_S = 900.0  # > the 10 min an alarm flag may stay in adverts
+log = logging.getLogger(__name__)
 
 
 def _reraise_lost_cancel() -> None:
@@ -68,32 +61,12 @@ def _reraise_lost_cancel() -> None:
         raise asyncio.CancelledError
 
 
-def normalize_address(address: str) -> str:
-    """The one address form this driver reports and accepts."""
-    return address.strip().upper()
-
-
-@dataclass(slots=True)
-class WristbandStats:
-    """Counters: nothing is dropped without showing up here."""
-
-    adverts: int = 0
-    adverts_shed: int = 0  # telemetry-only adverts dropped under backlog
-    decode_errors: int = 0
-    occurrences: int = 0
-    alarm_notifications: int = 0  # Alarm Event values received over GATT
-    duplicates_suppressed: int = 0  # repeats of an event already reported
-    connects: int = 0  # connected and subscribed
-    connect_failures: int = 0
-    commands: int = 0
-
-
 # Queue items: what the bleak callbacks and helper tasks hand to the consumer.
 @dataclass(frozen=True, slots=True)
 class _AdvertSeen:
     device: BLEDevice
     adv: AdvertisementData
-    at: float  # monotonic
+    at: float  # clock time
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,26 +91,16 @@ _Item = _AdvertSeen | _GattValue | _Tick | _LinkUp
 
 
 @dataclass(slots=True)
-class _Band:
-    """What the driver knows about one wristband."""
+class _Link:
+    """The BLE side of one wristband: where it was last heard, its connection."""
 
     address: str
-    configured: bool
     device: BLEDevice | None = None
-    last_heard: float | None = None  # monotonic
+    last_advert: float | None = None  # clock time
     heard: asyncio.Event = field(default_factory=asyncio.Event)
-    online: bool | None = None  # None: not yet decided
-    advert: WristbandAdvert | None = None
-    rssi: int | None = None
-    battery: int | None = None
-    low_battery: bool | None = None
-    flag_seq: dict[OccurrenceKind, str] = field(default_factory=dict)  # set flag -> dedup key
-    emitted: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (value, t)
-    status_at: float = float("-inf")
     client: BleakClient | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    warned_decode: bool = False
 
 
 class WristbandDriver:
@@ -159,10 +122,13 @@ class WristbandDriver:
         reading_min_gap_s: float = 5.0,
         reading_refresh_s: float = 60.0,
         max_backlog: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        stats: WristbandStats | None = None,
     ) -> None:
         """``addresses``: wristbands to keep connected and to watch for silence.
 
         Others are reported when heard and connected to only while in alarm.
+        ``stats`` lets a wrapper keep the counters across runs.
         """
         self._configured = [normalize_address(a) for a in addresses]
         self._scanner_backend = scanner_backend
@@ -177,13 +143,27 @@ class WristbandDriver:
         self.reading_min_gap_s = reading_min_gap_s
         self.reading_refresh_s = reading_refresh_s
         self.max_backlog = max_backlog
-        self.stats = WristbandStats()
-        self._bands: dict[str, _Band] = {}
-        self._seen_keys: dict[str, float] = {}  # dedup ledger: key -> monotonic time
+        self._clock = clock
+        self.stats = stats if stats is not None else WristbandStats()
+        self._tracker = self._new_tracker()
+        self._links: dict[str, _Link] = {}
         self._queue: asyncio.Queue[_Item] | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._connect_lock: asyncio.Lock | None = None
-        self._started_at = 0.0
+
+    def _new_tracker(self) -> WristbandTracker:
+        return WristbandTracker(
+            self._configured,
+            offline_after_s=self.offline_after_s,
+            dedup_window_s=self.dedup_window_s,
+            reading_min_gap_s=self.reading_min_gap_s,
+            reading_refresh_s=self.reading_refresh_s,
+            stats=self.stats,
+            started_at=self._clock(),
+        )
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {"line": self.stats.as_dict()}
 
     # ------------------------------------------------------------------ run
     async def run(self, sink: ObservationSink) -> None:
@@ -191,8 +171,8 @@ class WristbandDriver:
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._queue = queue
         self._connect_lock = asyncio.Lock()
-        self._started_at = time.monotonic()
-        self._bands = {a: _Band(a, configured=True) for a in self._configured}
+        self._tracker.restart(self._clock())
+        self._links = {a: _Link(a) for a in self._configured}
         scanner = BleakScanner(
             detection_callback=self._on_advert,
             backend=self._scanner_backend,
@@ -202,8 +182,8 @@ class WristbandDriver:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                for band in self._bands.values():
-                    band.task = tasks.create_task(self._connection_loop(band))
+                for link in self._links.values():
+                    link.task = tasks.create_task(self._connection_loop(link))
                 tasks.create_task(self._ticker(queue))
                 while True:
                     item = await queue.get()
@@ -225,7 +205,7 @@ class WristbandDriver:
         if queue.qsize() >= self.max_backlog and not raw_has_alarm(payload):
             self.stats.adverts_shed += 1  # telemetry only; a newer advert will follow
             return
-        queue.put_nowait(_AdvertSeen(device, adv, time.monotonic()))
+        queue.put_nowait(_AdvertSeen(device, adv, self._clock()))
 
     def _notify_callback(
         self, address: str, queue: asyncio.Queue[_Item]
@@ -236,43 +216,44 @@ class WristbandDriver:
         return on_notify
 
     # ------------------------------------------------------- connections
-    async def _connection_loop(self, band: _Band) -> None:
+    async def _connection_loop(self, link: _Link) -> None:
         """Keep one wristband connected and subscribed; reconnect with backoff."""
         delay = self.reconnect_delay_s
         dropped_at = float("-inf")
         while True:
-            await self._wait_heard_since(band, dropped_at)
+            await self._wait_heard_since(link, dropped_at)
             dropped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             try:
-                await self._connect(band, dropped)
+                await self._connect(link, dropped)
                 _reraise_lost_cancel()
                 delay = self.reconnect_delay_s
                 await dropped
-                log.info("%s: disconnected", band.address)
+                log.info("%s: disconnected", link.address)
             except asyncio.CancelledError:
-                await self._disconnect(band)
+                await self._disconnect(link)
                 raise
             except Exception as exc:
                 self.stats.connect_failures += 1
-                log.warning("%s: connection failed: %r", band.address, exc)
-                await self._disconnect(band)
-            band.client = None
-            band.connected.clear()
-            dropped_at = time.monotonic()
-            if not band.configured and not (band.advert and band.advert.alarm):
-                band.task = None
+                log.warning("%s: connection failed: %r", link.address, exc)
+                await self._disconnect(link)
+            link.client = None
+            link.connected.clear()
+            self._tracker.set_link(link.address, False)
+            dropped_at = self._clock()
+            if not self._tracker.wants_connection(link.address):
+                link.task = None
                 return  # joined for an alarm that is over
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_reconnect_delay_s)
 
-    async def _wait_heard_since(self, band: _Band, since: float) -> None:
+    async def _wait_heard_since(self, link: _Link, since: float) -> None:
         """Do not dial a wristband that is not advertising (no connect storms)."""
-        while band.device is None or band.last_heard is None or band.last_heard < since:
-            band.heard.clear()
-            await band.heard.wait()
+        while link.device is None or link.last_advert is None or link.last_advert < since:
+            link.heard.clear()
+            await link.heard.wait()
 
-    async def _connect(self, band: _Band, dropped: asyncio.Future[None]) -> None:
-        assert band.device is not None and self._connect_lock is not None
+    async def _connect(self, link: _Link, dropped: asyncio.Future[None]) -> None:
+        assert link.device is not None and self._connect_lock is not None
         queue = self._queue
         assert queue is not None
 
@@ -281,16 +262,16 @@ class WristbandDriver:
                 dropped.set_result(None)
 
         client = BleakClient(
-            band.device,
+            link.device,
             disconnected_callback=on_disconnect,
             timeout=self.connect_timeout_s,
             backend=self._client_backend,
             **self._backend_kwargs,
         )
-        band.client = client
+        link.client = client
         async with self._connect_lock, asyncio.timeout(self.connect_timeout_s):
             await client.connect()  # most adapters handle one LE connect at a time
-        callback = self._notify_callback(band.address, queue)
+        callback = self._notify_callback(link.address, queue)
         await client.start_notify(gatt.ALARM_EVENT_UUID, callback)  # the one that matters
         for uuid in (gatt.BATTERY_LEVEL_UUID, gatt.HEART_RATE_MEASUREMENT_UUID):
             if client.services.get_characteristic(uuid) is not None:
@@ -298,29 +279,35 @@ class WristbandDriver:
         for uuid in (gatt.ALARM_EVENT_UUID, gatt.BATTERY_LEVEL_UUID):
             if client.services.get_characteristic(uuid) is not None:
                 data = bytes(await client.read_gatt_char(uuid))
-                queue.put_nowait(_GattValue(band.address, uuid, data, from_read=True))
-        queue.put_nowait(_LinkUp(band.address))
+                queue.put_nowait(_GattValue(link.address, uuid, data, from_read=True))
+        queue.put_nowait(_LinkUp(link.address))
         self.stats.connects += 1
-        band.connected.set()
-        log.info("%s: connected and subscribed", band.address)
+        link.connected.set()
+        log.info("%s: connected and subscribed", link.address)
 
-    async def _disconnect(self, band: _Band) -> None:
-        client, band.client = band.client, None
-        band.connected.clear()
+    async def _disconnect(self, link: _Link) -> None:
+        client, link.client = link.client, None
+        link.connected.clear()
         if client is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.connect_timeout_s):
                     await client.disconnect()
 
-    def _ensure_connection(self, band: _Band) -> None:
-        if band.task is None and self._tasks is not None:
-            band.task = self._tasks.create_task(self._connection_loop(band))
+    def _link(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(address)
+        return link
+
+    def _ensure_connection(self, link: _Link) -> None:
+        if link.task is None and self._tasks is not None:
+            link.task = self._tasks.create_task(self._connection_loop(link))
 
     async def _ticker(self, queue: asyncio.Queue[_Item]) -> None:
         period = max(0.05, min(1.0, self.offline_after_s / 4))
         while True:
             await asyncio.sleep(period)
-            queue.put_nowait(_Tick(time.monotonic()))
+            queue.put_nowait(_Tick(self._clock()))
 
     # ------------------------------------------------------------- execute
     async def execute(self, command: Command) -> None:
@@ -340,12 +327,13 @@ class WristbandDriver:
         if self._queue is None:
             raise CommandError("wristband driver is not running", recoverable=True)
         address = normalize_address(command.address)
-        band = self._band(address)
-        self._ensure_connection(band)
+        self._tracker.band(address)
+        link = self._link(address)
+        self._ensure_connection(link)
         try:
             async with asyncio.timeout(self.command_timeout_s):
-                await band.connected.wait()
-                client = band.client
+                await link.connected.wait()
+                client = link.client
                 if client is None or not client.is_connected:
                     raise ConnectionError("connection dropped")
                 await client.write_gatt_char(gatt.COMMAND_UUID, payload, response=True)
@@ -356,248 +344,32 @@ class WristbandDriver:
         self.stats.commands += 1
         log.info("%s: %s written (%s)", address, command.action, payload.hex())
 
-    # ------------------------------------------------------------ decoding
-    def _band(self, address: str) -> _Band:
-        band = self._bands.get(address)
-        if band is None:
-            band = self._bands[address] = _Band(address, configured=False)
-        return band
-
+    # ------------------------------------------------- into the state machine
     def _handle(self, item: _Item) -> list[Observation]:
+        tracker = self._tracker
         if isinstance(item, _AdvertSeen):
-            return self._handle_advert(item)
-        if isinstance(item, _GattValue):
-            return self._handle_gatt(item)
-        if isinstance(item, _LinkUp):
-            return self._heard(self._band(item.address), time.monotonic())
-        return self._handle_tick(item)
-
-    def _handle_advert(self, item: _AdvertSeen) -> list[Observation]:
-        address = normalize_address(item.device.address)
-        if not is_wristband_name(item.adv.local_name) and address not in self._bands:
-            return []  # someone else's use of the test company id
-        self.stats.adverts += 1
-        band = self._band(address)
-        try:
-            advert = decode_advert(item.adv.manufacturer_data)
-        except DecodeError as exc:
-            self.stats.decode_errors += 1
-            level = logging.DEBUG if band.warned_decode else logging.WARNING
-            log.log(level, "%s: bad advert: %s", address, exc)
-            band.warned_decode = True
-            return []
-        band.device = item.device
-        band.rssi = item.adv.rssi
-        band.advert = advert
-        now = item.at
-        out = self._advert_alarms(band, advert)  # alarms first: they are what is urgent
-        out += self._battery(band, advert.battery, now, low=advert.battery_low)
-        out += self._heard(band, now)
-        out += self._readings(
-            band,
-            now,
-            {
-                "heart_rate_bpm": (advert.heart_rate, "bpm"),
-                "spo2_pct": (advert.spo2, "%"),
-                "steps": (advert.steps, "steps"),
-                "activity": (advert.activity, "index"),
-                "battery_pct": (advert.battery, "%"),
-            },
-        )
-        band.heard.set()
-        return out
-
-    def _advert_alarms(self, band: _Band, advert: WristbandAdvert) -> list[Observation]:
-        """SOS/fall flags -> occurrences, one per (address, event_seq).
-
-        The advert carries one seq for possibly two set flags. A flag that rises
-        alone takes the current seq. If both rise at once (first sighting) the
-        SOS takes the seq and the fall gets a key "before <seq>": both alarms
-        reach a person, at worst one twice, never none.
-        """
-        out: list[Observation] = []
-        states = ((OccurrenceKind.SOS, advert.sos), (OccurrenceKind.FALL, advert.fall))
-        for kind, active in states:
-            if not active:
-                band.flag_seq.pop(kind, None)
-            elif kind in band.flag_seq:
-                self.stats.duplicates_suppressed += 1  # the flag repeats in every advert
-        new = [kind for kind, active in states if active and kind not in band.flag_seq]
-        current_key = self._alarm_key(band.address, advert.event_seq)
-        taken = current_key in band.flag_seq.values()
-        for kind in new:
-            key = current_key if not taken else f"{current_key}:{kind}-before"
-            taken = True
-            band.flag_seq[kind] = key
-            out += self._occurrence(
-                band, kind, key, None, {"event_seq": advert.event_seq, "source": "advert"}
+            address = normalize_address(item.device.address)
+            out = tracker.advert(
+                address, item.adv.local_name, item.adv.manufacturer_data, item.adv.rssi, item.at
             )
-        if new and not band.configured:
-            self._ensure_connection(band)  # join to get the event and to acknowledge
-        return out
-
-    def _handle_gatt(self, item: _GattValue) -> list[Observation]:
-        band = self._band(item.address)
-        now = time.monotonic()
-        try:
-            if item.uuid == gatt.ALARM_EVENT_UUID:
-                event = gatt.decode_alarm_event(item.data)
-                self.stats.alarm_notifications += not item.from_read
-                return self._alarm_event(band, event, item) + self._heard(band, now)
-            if item.uuid == gatt.BATTERY_LEVEL_UUID:
-                level = gatt.decode_battery_level(item.data)
-                out = self._battery(band, level, now, low=None) + self._heard(band, now)
-                return out + self._readings(band, now, {"battery_pct": (level, "%")}, force=True)
-            if item.uuid == gatt.HEART_RATE_MEASUREMENT_UUID:
-                hr = gatt.decode_heart_rate(item.data)
-                out = self._heard(band, now)
-                return out + self._readings(band, now, {"heart_rate_bpm": (hr.bpm or None, "bpm")})
-        except DecodeError as exc:
-            if item.from_read and item.data == bytes(len(item.data)):
-                return []  # all zero: no alarm event yet
-            self.stats.decode_errors += 1
-            log.warning("%s: bad %s value %s: %s", band.address, item.uuid, item.data.hex(), exc)
-        return []
-
-    def _alarm_event(
-        self, band: _Band, event: gatt.AlarmEvent, item: _GattValue
-    ) -> list[Observation]:
-        data: dict[str, Scalar] = {
-            "event_seq": event.event_seq,
-            "source": "gatt",
-            "confidence": event.confidence,
-        }
-        kind = {
-            gatt.AlarmType.SOS: OccurrenceKind.SOS,
-            gatt.AlarmType.FALL: OccurrenceKind.FALL,
-            gatt.AlarmType.CANCEL: OccurrenceKind.CANCEL,
-            gatt.AlarmType.REMOVED: OccurrenceKind.REMOVED,
-            gatt.AlarmType.GEOFENCE_EXIT: OccurrenceKind.GEOFENCE_EXIT,
-        }[event.type]
-        if kind in (OccurrenceKind.SOS, OccurrenceKind.FALL):
-            if item.from_read:
-                # The last event, read at connect: an alarm only if the adverts
-                # still show it; otherwise it is history, not a new call for help.
-                advert = band.advert
-                flag = advert is not None and (
-                    advert.sos if kind is OccurrenceKind.SOS else advert.fall
-                )
-                if not (flag and advert is not None and advert.event_seq == event.event_seq):
-                    return []
-            key = self._alarm_key(band.address, event.event_seq)
-            if band.flag_seq.get(kind) == key:
-                self.stats.duplicates_suppressed += 1
+            if out is None:
                 return []
-            band.flag_seq[kind] = key
-        elif item.from_read:
-            return []  # cancel/removed/geofence are pulses: only live notifications count
-        else:
-            key = f"{self._alarm_key(band.address, event.event_seq)}:{kind}:{event.time}"
-            if kind is OccurrenceKind.CANCEL:
-                band.flag_seq.clear()
-        return self._occurrence(band, kind, key, float(event.time), data)
-
-    @staticmethod
-    def _alarm_key(address: str, event_seq: int) -> str:
-        return f"{PROFILE}:{address}:{event_seq}"
-
-    def _occurrence(
-        self,
-        band: _Band,
-        kind: OccurrenceKind,
-        key: str,
-        occurred_at: float | None,
-        data: dict[str, Scalar],
-    ) -> list[Observation]:
-        now = time.monotonic()
-        seen = self._seen_keys.get(key)
-        if seen is not None and now - seen < self.dedup_window_s:
-            self.stats.duplicates_suppressed += 1
-            return []
-        self._seen_keys[key] = now
-        self.stats.occurrences += 1
-        log.info("%s: %s (%s)", band.address, kind, key)
-        return [Occurrence(band.address, kind, key, self.dedup_window_s, occurred_at, data)]
-
-    def _readings(
-        self,
-        band: _Band,
-        now: float,
-        values: Mapping[str, tuple[int | None, str]],
-        *,
-        force: bool = False,
-    ) -> list[Observation]:
-        """Telemetry on change (at most every min gap) and refreshed periodically."""
-        out: list[Observation] = []
-        for metric, (value, unit) in values.items():
-            if value is None:
-                continue
-            last = band.emitted.get(metric)
-            if last is not None and not force:
-                last_value, last_at = last
-                age = now - last_at
-                changed = last_value != value
-                if not (changed and age >= self.reading_min_gap_s) and age < self.reading_refresh_s:
-                    continue
-            band.emitted[metric] = (float(value), now)
-            out.append(Reading(band.address, metric, float(value), unit))
-        return out
-
-    def _battery(
-        self, band: _Band, level: int | None, now: float, *, low: bool | None
-    ) -> list[Observation]:
-        """Battery level into the link status, battery-low flag into a condition.
-
-        Called before ``_heard``: a wristband coming online gets its status
-        from there, already carrying the new level.
-        """
-        out: list[Observation] = []
-        changed = level is not None and level != band.battery
-        if level is not None:
-            band.battery = level
-        refresh = changed or now - band.status_at >= self.reading_refresh_s
-        if band.online is True and refresh:
-            band.status_at = now
-            out.append(LinkStatus(band.address, True, band.battery, band.rssi))
-        if low is not None and low != band.low_battery:
-            band.low_battery = low
-            data: dict[str, Scalar] = {} if band.battery is None else {"battery_pct": band.battery}
-            out.append(Condition(band.address, ConditionKind.LOW_BATTERY, low, data))
-        return out
-
-    def _heard(self, band: _Band, now: float) -> list[Observation]:
-        band.last_heard = now
-        if band.online is True:
-            return []
-        band.online = True
-        band.status_at = now
-        out: list[Observation] = [LinkStatus(band.address, True, band.battery, band.rssi)]
-        if band.configured:
-            out.append(Condition(band.address, ConditionKind.OFFLINE, False))
-        return out
-
-    def _handle_tick(self, tick: _Tick) -> list[Observation]:
-        out: list[Observation] = []
-        now = tick.at
-        for key, at in list(self._seen_keys.items()):
-            if now - at >= self.dedup_window_s:
-                del self._seen_keys[key]
-        for band in list(self._bands.values()):
-            if band.client is not None and band.client.is_connected:
-                band.last_heard = now  # a live link is supervised by the controller
-                continue
-            heard = band.last_heard if band.last_heard is not None else self._started_at
-            silent = now - heard
-            if silent < self.offline_after_s or band.online is False:
-                continue
-            if band.configured:
-                band.online = False
-                out.append(LinkStatus(band.address, False, band.battery, band.rssi))
-                out.append(
-                    Condition(
-                        band.address, ConditionKind.OFFLINE, True, {"silent_s": round(silent, 1)}
-                    )
-                )
-            elif silent >= max(self.offline_after_s, self.dedup_window_s) and band.task is None:
-                del self._bands[band.address]  # a passer-by: forget it
+            link = self._link(address)
+            link.device = item.device
+            link.last_advert = item.at
+            link.heard.set()
+            if tracker.wants_connection(address):
+                self._ensure_connection(link)  # a stranger in alarm: join to acknowledge
+            return out
+        if isinstance(item, _GattValue):
+            return tracker.gatt_value(
+                item.address, item.uuid, item.data, from_read=item.from_read, now=self._clock()
+            )
+        if isinstance(item, _LinkUp):
+            tracker.set_link(item.address, True)
+            return tracker.heard(item.address, self._clock())
+        busy = {a for a, link in self._links.items() if link.task is not None}
+        out = tracker.tick(item.at, busy=busy)
+        for address in set(self._links) - set(tracker.bands):
+            del self._links[address]
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from device_drivers.profiles import Profile, register
 from device_drivers.wristband import gatt
 from device_drivers.wristband.advert import COMPANY_ID, NAME_PREFIX, decode_advert
-from device_drivers.wristband.driver import DEDUP_WINDOW_S
+from device_drivers.wristband.state import DEDUP_WINDOW_S
 
 ES_WB1 = register(
     Profile(

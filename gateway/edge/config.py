@@ -6,6 +6,11 @@ follow the MQTT contract, every physical address is checked against its
 transport's format, and every device id maps to exactly one (address, profile).
 The same device id may appear under several drivers of one kind (a button
 heard by two receivers); its events are then deduplicated by the outbox.
+
+What a driver entry may say is the drivers' business: each ``drivers[]`` entry
+is validated by the model its ``kind`` registered in ``device_drivers.kinds``
+(address forms, default profiles, timings). Modules listed under ``plugins``
+are imported first, so a vendor's package can add profiles and kinds.
 """
 
 from __future__ import annotations
@@ -27,16 +32,15 @@ from pydantic import (
     model_validator,
 )
 
+import device_drivers  # noqa: F401  (registers the shipped profiles and driver kinds)
+from device_drivers.kinds import DeviceConfig, DriverConfig, import_plugins, parse_driver
 from gateway.contract.topics import ID_PATTERN
 
 Id = Annotated[str, StringConstraints(pattern=rf"^{ID_PATTERN}$")]
-ProfileName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,32}$")]
-
-_BUTTON = re.compile(r"^[0-9a-fA-F]{8}$")
-_UNIT = re.compile(r"^unit-([0-9]{1,3})$")
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-
-RECEIVER_ADDRESS = "receiver"  # the es-cb1 receiver itself, as the driver names it
+ModuleName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+]
+_ID = re.compile(rf"^{ID_PATTERN}$")
 
 
 class ConfigError(ValueError):
@@ -80,135 +84,9 @@ class BrokerConfig(_Strict):
         return value
 
 
-class DeviceConfig(_Strict):
-    """One contract device id ↔ one physical address ↔ one profile."""
-
-    id: Id
-    address: Annotated[str, StringConstraints(min_length=1, max_length=64)]
-    profile: ProfileName | None = None  # default: the driver kind's profile
-    poll_interval_s: Annotated[float, Field(gt=0, le=3600)] | None = None  # Modbus only
-
-
-class _DriverBase(_Strict):
-    name: Id
-    devices: list[DeviceConfig] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _unique_within(self) -> _DriverBase:
-        seen_ids: set[str] = set()
-        seen_addr: set[str] = set()
-        for d in self.devices:
-            if d.id in seen_ids:
-                raise ValueError(f"device id {d.id!r} twice on driver {self.name!r}")
-            if d.address in seen_addr:
-                raise ValueError(f"address {d.address!r} twice on driver {self.name!r}")
-            seen_ids.add(d.id)
-            seen_addr.add(d.address)
-        return self
-
-
-class CallButtonDriverConfig(_DriverBase):
-    """es-cb1 buttons behind one serial receiver (a device path or pyserial URL)."""
-
-    kind: Literal["callbutton"]
-    port: Annotated[str, StringConstraints(min_length=1)]
-    baudrate: int = 9600
-    receiver_offline_after_s: Annotated[float, Field(gt=0)] = 90.0
-    button_supervision_s: Annotated[float, Field(gt=0)] = 3600.0
-    dedup_window_s: Annotated[float, Field(gt=0)] = 60.0
-
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _normalise(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [
-                {**d, "address": str(d["address"]).lower()}
-                if isinstance(d, dict) and "address" in d
-                else d
-                for d in value
-            ]
-        return value
-
-    @model_validator(mode="after")
-    def _addresses(self) -> CallButtonDriverConfig:
-        receivers = [d for d in self.devices if d.address == RECEIVER_ADDRESS]
-        if len(receivers) != 1:
-            raise ValueError(
-                f"callbutton driver {self.name!r} needs exactly one device with address "
-                f"{RECEIVER_ADDRESS!r} (the receiver; its offline state is an alarm input)"
-            )
-        for d in self.devices:
-            if d.address != RECEIVER_ADDRESS and not _BUTTON.match(d.address):
-                raise ValueError(f"button address {d.address!r} is not 8 hex digits")
-            if d.profile not in (None, "es-cb1"):
-                raise ValueError(f"device {d.id!r}: a callbutton driver carries es-cb1 only")
-            if d.poll_interval_s is not None:
-                raise ValueError(f"device {d.id!r}: poll_interval_s is for Modbus units")
-        return self
-
-
-class ModbusDriverConfig(_DriverBase):
-    """es-ef1 / es-sd1 units on one RS-485 bus (device path or ``socket://host:port``)."""
-
-    kind: Literal["modbus"]
-    port: Annotated[str, StringConstraints(min_length=1)]
-    baudrate: int = 9600
-    request_timeout_s: Annotated[float, Field(gt=0, le=30)] = 1.0
-    offline_after_failures: Annotated[int, Field(ge=1, le=100)] = 3
-
-    @model_validator(mode="after")
-    def _addresses(self) -> ModbusDriverConfig:
-        for d in self.devices:
-            m = _UNIT.match(d.address)
-            if not m or not 1 <= int(m.group(1)) <= 247:
-                raise ValueError(f"Modbus address {d.address!r} must be unit-1 … unit-247")
-            if d.profile not in ("es-ef1", "es-sd1"):
-                raise ValueError(f"device {d.id!r}: Modbus profile must be es-ef1 or es-sd1")
-        return self
-
-
-class WristbandDriverConfig(_DriverBase):
-    """es-wb1 wristbands through one BLE adapter (BlueZ, or bumble for tests and demos)."""
-
-    kind: Literal["wristband"]
-    backend: Literal["bluez", "bumble"] = "bluez"
-    bumble_transport: str | None = None  # e.g. tcp-client:127.0.0.1:9100
-    offline_after_s: Annotated[float, Field(gt=0)] = 300.0
-
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _normalise(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [
-                {**d, "address": str(d["address"]).upper()}
-                if isinstance(d, dict) and "address" in d
-                else d
-                for d in value
-            ]
-        return value
-
-    @model_validator(mode="after")
-    def _addresses(self) -> WristbandDriverConfig:
-        if (self.backend == "bumble") != (self.bumble_transport is not None):
-            raise ValueError("bumble_transport is required with backend bumble, and only then")
-        for d in self.devices:
-            if not _MAC.match(d.address):
-                raise ValueError(f"BLE address {d.address!r} is not AA:BB:CC:DD:EE:FF")
-            if d.profile not in (None, "es-wb1"):
-                raise ValueError(f"device {d.id!r}: a wristband driver carries es-wb1 only")
-        return self
-
-
-DriverConfig = Annotated[
-    CallButtonDriverConfig | ModbusDriverConfig | WristbandDriverConfig,
-    Field(discriminator="kind"),
-]
-
-DEFAULT_PROFILE = {"callbutton": "es-cb1", "wristband": "es-wb1"}
-
-
 def profile_of(driver: DriverConfig, device: DeviceConfig) -> str:
-    return device.profile or DEFAULT_PROFILE[driver.kind]
+    """The profile a device runs (its own, or its driver kind's default)."""
+    return driver.profile_of(device)
 
 
 class TelemetryConfig(_Strict):
@@ -223,25 +101,54 @@ class SupervisionConfig(_Strict):
     stable_after_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+class MetricsConfig(_Strict):
+    """Prometheus endpoint of the edge (``/metrics``); off unless configured."""
+
+    port: Annotated[int, Field(ge=1, le=65535)]
+    host: str = "127.0.0.1"
+
+
 class EdgeConfig(_Strict):
     site: Id
     gateway: Id
     broker: BrokerConfig
     state_dir: Path
+    plugins: list[ModuleName] = []  # vendor modules registering profiles / driver kinds
+    metrics: MetricsConfig | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
     supervision: SupervisionConfig = SupervisionConfig()
     drivers: list[DriverConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        # Before the drivers are validated: a plugin's kinds and profiles must be known.
+        plugins = data.get("plugins") if isinstance(data, dict) else None
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            import_plugins(plugins)
+        return data
+
+    @field_validator("drivers", mode="before")
+    @classmethod
+    def _by_kind(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        return [parse_driver(entry) for entry in value]
 
     @model_validator(mode="after")
     def _consistent(self) -> EdgeConfig:
         names: set[str] = set()
         identity: dict[str, tuple[str, str, str]] = {}
         for drv in self.drivers:
+            if not _ID.match(drv.name):
+                raise ValueError(f"driver name {drv.name!r} does not match {ID_PATTERN}")
             if drv.name in names:
                 raise ValueError(f"driver name {drv.name!r} used twice")
             names.add(drv.name)
             for dev in drv.devices:
-                this = (drv.kind, dev.address, profile_of(drv, dev))
+                if not _ID.match(dev.id):
+                    raise ValueError(f"device id {dev.id!r} does not match {ID_PATTERN}")
+                this = (drv.kind, dev.address, drv.profile_of(dev))
                 other = identity.setdefault(dev.id, this)
                 if other != this:
                     raise ValueError(

@@ -51,7 +51,7 @@ from gateway.contract.payloads import (
     dump,
 )
 from gateway.contract.topics import Channel, DeviceTopic, GatewayStatusTopic
-from gateway.edge.config import EdgeConfig, profile_of
+from gateway.edge.config import EdgeConfig
 from gateway.edge.outbox import AsyncOutbox, EventBuilder
 from gateway.mqtt.client import MqttClient, NotConnected, PublishError
 
@@ -69,6 +69,7 @@ class Device:
     profile: str
     driver: str
     address: str
+    offline_when_down: bool = True  # offline with its driver (the kind decides)
 
 
 def _utc(ts: float | None = None) -> datetime:
@@ -107,7 +108,9 @@ class EdgePipeline:
         self.devices: dict[str, dict[str, Device]] = {}  # driver -> address -> device
         for drv in config.drivers:
             self.devices[drv.name] = {
-                d.address: Device(d.id, profile_of(drv, d), drv.name, d.address)
+                d.address: Device(
+                    d.id, drv.profile_of(d), drv.name, d.address, drv.offline_when_down(d)
+                )
                 for d in drv.devices
             }
         self.counters: Counter[str] = Counter()
@@ -251,10 +254,9 @@ class EdgePipeline:
 
     async def report_driver_down(self, driver: str) -> None:
         """The supervisor says the driver is down too long: its devices are offline."""
-        kind = next(d.kind for d in self.config.drivers if d.name == driver)
         for device in self.devices[driver].values():
-            if kind == "callbutton" and device.address != "receiver":
-                continue  # buttons keep their own 60-min supervision
+            if not device.offline_when_down:
+                continue  # e.g. call buttons keep their own 60-min supervision
             await self.raise_condition(
                 device, ConditionKind.OFFLINE, True, {"reason": "driver_down", "driver": driver}
             )

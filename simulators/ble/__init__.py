@@ -1,14 +1,10 @@
-"""The project's bleak backend over bumble, and helpers to share a bumble link.
+"""Virtual BLE radio for the simulators: share a bumble link with another process.
 
-In process::
-
-    link = LocalLink()
-    central = BumbleCentral.on_link(link)
-    BleakScanner(cb, backend=BumbleScanner, bumble_central=central)
-
-Across processes the simulator process owns the link and exposes one HCI
-transport on it (``expose_link``); the edge opens it by name with
-``await BumbleCentral.open("tcp-client:127.0.0.1:9100")``.
+In process, simulated wristbands and the driver's central share a ``LocalLink``
+(the central comes from ``device_drivers.ble.bumble_backend``). Across
+processes the simulator process owns the link and exposes one HCI transport on
+it (``expose_link``); the edge opens it by name with
+``BumbleCentral.open("tcp-client:127.0.0.1:9100")``.
 """
 
 from __future__ import annotations
@@ -18,22 +14,7 @@ from bumble.link import LocalLink
 from bumble.transport import open_transport
 from bumble.transport.common import Transport
 
-from simulators.ble.backend import (
-    BumbleCentral,
-    BumbleClient,
-    BumbleScanner,
-    address_str,
-    set_default_central,
-)
-
-__all__ = [
-    "BumbleCentral",
-    "BumbleClient",
-    "BumbleScanner",
-    "address_str",
-    "expose_link",
-    "set_default_central",
-]
+__all__ = ["expose_link"]
 
 
 async def expose_link(link: LocalLink, transport_name: str) -> Transport:

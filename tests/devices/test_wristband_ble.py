@@ -19,6 +19,7 @@ import pytest
 from bleak import BleakScanner
 from bumble.link import LocalLink
 
+from device_drivers.ble.bumble_backend import BumbleCentral, BumbleClient, BumbleScanner
 from device_drivers.model import (
     Command,
     CommandAction,
@@ -32,7 +33,6 @@ from device_drivers.model import (
     Reading,
 )
 from device_drivers.wristband import WristbandDriver
-from simulators.ble import BumbleCentral, BumbleClient, BumbleScanner
 from simulators.wristband import FALL, SOS, SimulatedWristband
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,8 +1,9 @@
-"""A bleak backend over bumble: bleak's public API on a software BLE stack.
+"""A bleak backend over bumble: bleak's public API on bumble's BLE host stack.
 
 Code written against ``BleakScanner``/``BleakClient`` runs unchanged over BlueZ
-in production and over this backend in tests and demos, so the wire (adverts,
-ATT reads, writes, notifications) is real even without a kernel radio.
+and over this backend on any HCI controller bumble opens (a USB dongle, a
+controller in another process, the simulators' virtual link), so the wire
+(adverts, ATT reads, writes, notifications) is real even without a kernel radio.
 
 Which bumble central to use is passed as the ``bumble_central=`` keyword, which
 bleak forwards to the backend; ``set_default_central`` is a fallback for code
