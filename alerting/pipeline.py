@@ -139,6 +139,26 @@ class Dropped:
 
 
 @dataclass(frozen=True, slots=True)
+class Unstaffed:
+    """A role of a step that reached nobody (no one on shift, no family contact on file):
+    recorded, never silent, so the console and the audit show the gap."""
+
+    alert_id: uuid.UUID
+    step_id: str
+    role: Role
+    at: datetime
+
+    def audit(self) -> AuditEntry:
+        detail: dict[str, DetailValue] = {
+            "step": self.step_id,
+            "role": self.role.value,
+            "note": "nobody reachable in this role",
+        }
+        return AuditEntry(self.at, self.alert_id, "system:notifier", AuditAction.NOTED,
+                          Channel.SYSTEM, detail)
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     now: datetime
     steps: tuple[PlannedStep, ...] = ()
@@ -146,6 +166,7 @@ class Batch:
     deferred: tuple[Notice, ...] = ()  # for later: back to the outbox with not_before
     deliveries: tuple[Delivery, ...] = ()
     dropped: tuple[Dropped, ...] = ()
+    unstaffed: tuple[Unstaffed, ...] = ()
 
 
 class Stage(Protocol):
@@ -257,8 +278,29 @@ class Escalate:
     name: str = "escalate"
 
     async def __call__(self, batch: Batch) -> Batch:
-        notices = [n for planned in batch.steps for n in self.expand(planned, batch.now)]
-        return dataclasses.replace(batch, steps=(), pending=(*batch.pending, *notices))
+        notices: list[Notice] = []
+        unstaffed: list[Unstaffed] = []
+        for planned in batch.steps:
+            out = self.expand(planned, batch.now)
+            notices += out
+            reached = {n.role for n in out}
+            unstaffed += [
+                Unstaffed(planned.alert.id, planned.step.key.id, role, batch.now)
+                for role in planned.step.roles
+                if role not in reached and not self._covered(planned, role, out)
+            ]
+        return dataclasses.replace(
+            batch,
+            steps=(),
+            pending=(*batch.pending, *notices),
+            unstaffed=(*batch.unstaffed, *unstaffed),
+        )
+
+    @staticmethod
+    def _covered(planned: PlannedStep, role: Role, out: list[Notice]) -> bool:
+        """A role whose people were all reached under another role of the step."""
+        people = {p.person_id for p in planned.recipients.get(role, ())}
+        return bool(people) and people <= {n.person_id for n in out}
 
     def expand(self, planned: PlannedStep, now: datetime) -> list[Notice]:
         alert, step = planned.alert, planned.step

@@ -179,24 +179,30 @@ def due_steps(
     return tuple(sorted(out, key=Step.sort_key))
 
 
-def next_step_at(
+def next_step(
     alert: Alert, policy: EscalationPolicy, fired: Container[StepKey], now: datetime
-) -> datetime | None:
-    """What the durable timer row holds: the earliest unfired wanted step (None: nothing left).
-
-    A time at or before ``now`` means steps are due now (a late timer).
-    """
+) -> Step | None:
+    """The earliest unfired wanted step — due already (a late timer) or the next to come —
+    as the console's countdown shows it: when, which level, whom by role, which channels."""
     due = due_steps(alert, policy, fired, now)
     if due:
-        return due[0].at
+        return due[0]
     upcoming = [
-        step.at
+        step
         for family in _FAMILIES
         for step in itertools.islice(
             itertools.dropwhile(lambda s: s.at <= now, family(alert, policy)), 1
         )
     ]
-    return min(upcoming) if upcoming else None
+    return min(upcoming, key=Step.sort_key) if upcoming else None
+
+
+def next_step_at(
+    alert: Alert, policy: EscalationPolicy, fired: Container[StepKey], now: datetime
+) -> datetime | None:
+    """What the durable timer row holds (None: nothing left to fire)."""
+    step = next_step(alert, policy, fired, now)
+    return step.at if step else None
 
 
 _STEP_ACTION = {

@@ -25,7 +25,15 @@ from alerting.lifecycle import (
     transition,
 )
 from alerting.model import Alert, AlertStatus, AlertType, Channel, Outcome, Severity
-from alerting.planner import Step, StepKey, StepKind, due_steps, fire_step, next_step_at
+from alerting.planner import (
+    Step,
+    StepKey,
+    StepKind,
+    due_steps,
+    fire_step,
+    next_step,
+    next_step_at,
+)
 from alerting.policy import (
     CRITICAL,
     MAJOR,
@@ -336,3 +344,15 @@ def test_planner_fires_each_wanted_step_once_at_the_first_tick_after_it(
     for t, s in fired.values():
         first_tick = min(x for x in tick_times if T0 + x * S >= s.at)
         assert t == first_tick, "a step fired later than the first tick after its time"
+
+
+def test_next_step_says_when_which_level_whom_and_through_which_channels() -> None:
+    alert = raise_alert(EventKind.SOS)
+    fired = {s.key for s in due_steps(alert, CRITICAL, set(), T0 + 70 * S)}
+    assert next_step(alert, CRITICAL, fired, T0 + 70 * S) == step(
+        alert, StepKind.LEVEL, 2, 3 * M, (Role.STREET,), PAGE, ACK
+    )
+    # A late timer: the earliest unfired step, already due.
+    assert next_step(alert, CRITICAL, set(), T0 + 70 * S) == step(
+        alert, StepKind.LEVEL, 0, 0 * S, (Role.DUTY,), PAGE, ACK
+    )

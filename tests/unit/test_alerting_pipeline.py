@@ -28,6 +28,7 @@ from alerting.pipeline import (
     Recipient,
     RetrySchedule,
     Silence,
+    Unstaffed,
     default_stages,
     run_stages,
 )
@@ -344,3 +345,16 @@ async def test_the_notify_stage_keeps_order_per_alert_and_target() -> None:
 def test_retry_schedules_are_data() -> None:
     schedule = RetrySchedule((S, 2 * S), max_attempts=4)
     assert [schedule.delay(n) for n in range(6)] == [None, S, 2 * S, 2 * S, None, None]
+
+
+async def test_a_role_that_reaches_nobody_is_recorded_not_silent() -> None:
+    alert = alert_of(EventKind.SOS)
+    (step,) = [p.step for p in planned(alert, T0 + 60 * S, level=1)]
+    nobody_home = {Role.SUPERVISOR: (ZHAO,)}  # no family contact on file
+    batch = await Escalate()(Batch(T0 + 60 * S, steps=(PlannedStep(alert, step, nobody_home),)))
+    assert [n.person_id for n in batch.pending] == ["staff:zhao.min"]
+    assert batch.unstaffed == (Unstaffed(alert.id, step.key.id, Role.FAMILY, T0 + 60 * S),)
+    assert batch.unstaffed[0].audit() == AuditEntry(
+        T0 + 60 * S, alert.id, "system:notifier", AuditAction.NOTED, Channel.SYSTEM,
+        {"step": step.key.id, "role": "family", "note": "nobody reachable in this role"},
+    )
