@@ -7,7 +7,18 @@ from prometheus_client import Counter, Gauge, Histogram
 INGEST_MESSAGES = Counter("eldersafe_ingest_messages_total", "MQTT messages ingested")
 INGEST_TELEMETRY_ROWS = Counter("eldersafe_ingest_telemetry_rows_total", "telemetry rows written")
 INGEST_EVENTS = Counter("eldersafe_ingest_events_total", "event messages written (before dedup)")
-DEAD_LETTERS = Counter("eldersafe_dead_letters_total", "messages refused into dead letters")
+DEAD_LETTERS = Counter(
+    "eldersafe_dead_letters_total",
+    "messages refused into dead letters, by reason class",
+    ["reason"],  # topic, json, schema, range, database, internal (gateway.ingest.batch.DeadReason)
+)
+INGEST_UNREGISTERED = Counter(
+    "eldersafe_ingest_unregistered_site_messages_total",
+    "messages stored for a site that is not registered (see table unregistered_sources)",
+)
+INGEST_COMMAND_RESULTS = Counter(
+    "eldersafe_ingest_command_results_total", "command results received (before dedup)"
+)
 INGEST_IGNORED = Counter(
     "eldersafe_ingest_ignored_total", "messages on topics ingest does not store"
 )

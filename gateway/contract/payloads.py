@@ -9,16 +9,80 @@ in ``schemas/`` are generated from these models (``eldersafe schemas``).
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+# The time window of every time a device or gateway reports (what the server
+# stores): not before 2000 (a clock that never synced, or garbage) and not more
+# than a day ahead of the validating process's own clock. Times outside it
+# would sort wrongly, escape retention, or not even be storable (year 10000).
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_AHEAD = timedelta(hours=24)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+# The clock the window is measured against, read at each validation (not at
+# import): a long-running server keeps a current window.
+def _system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+clock: Callable[[], datetime] = _system_clock
+
+_NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold U+0000
 Metric = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-Unit = Annotated[str, StringConstraints(max_length=16)]
+Unit = Annotated[str, StringConstraints(max_length=16, pattern=_NO_NUL)]
 DataKey = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-Scalar = bool | int | float | Annotated[str, StringConstraints(max_length=256)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Text = Annotated[str, StringConstraints(max_length=256, pattern=_NO_NUL)]
+Scalar = bool | int | FiniteFloat | Text
+ReportedTime = Annotated[
+    AwareDatetime,
+    Field(
+        ge=EARLIEST_TIME,
+        description="with a UTC offset; from 2000-01-01T00:00Z to 24 h after the receiver's now",
+    ),
+]
+
+
+def check_window(field: str, value: datetime | None, latest: datetime) -> None:
+    """Refuse a time more than ``MAX_AHEAD`` ahead (the lower bound is checked natively)."""
+    if value is not None and value > latest:
+        raise PydanticCustomError(
+            "time_window",
+            "{field} {value} is more than 24 h ahead of the receiver's clock",
+            {"field": field, "value": value.isoformat()},
+        )
+
+
+def check_scalars(values: object) -> object:
+    """Integers in ``data``/``args`` must fit 64 bits (jsonb and every consumer's int64).
+
+    Without this a huge integer would fall through to the float branch of the
+    union and be stored silently rounded.
+    """
+    if isinstance(values, dict):
+        for key, v in values.items():
+            if type(v) is int and not INT64_MIN <= v <= INT64_MAX:
+                raise PydanticCustomError(
+                    "int_out_of_range",
+                    "{key}: integer does not fit in 64 bits",
+                    {"key": str(key)[:64]},
+                )
+    return values
 
 
 class _Strict(BaseModel):
@@ -60,48 +124,80 @@ class EventPayload(_Strict):
     event_id: uuid.UUID
     type: EventType
     phase: Phase
-    time: AwareDatetime
+    time: ReportedTime
     profile: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]{1,32}$")]
     data: dict[DataKey, Scalar] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def refuse_huge_ints(cls, value: object) -> object:
+        return check_scalars(value)
+
+    @model_validator(mode="after")
+    def refuse_future_time(self) -> EventPayload:
+        check_window("time", self.time, clock() + MAX_AHEAD)
+        return self
 
 
 class ReadingItem(_Strict):
     metric: Metric
-    value: float
+    value: FiniteFloat
     unit: Unit = ""
-    time: AwareDatetime | None = None  # defaults to the message's time
+    time: ReportedTime | None = None  # defaults to the message's time
 
 
 class TelemetryPayload(_Strict):
     """``…/{device}/telemetry``: one reading or a batch (up to 1000)."""
 
     v: Literal[1]
-    time: AwareDatetime
+    time: ReportedTime
     readings: list[ReadingItem] = Field(min_length=1, max_length=1000)
+
+    @model_validator(mode="after")
+    def refuse_future_time(self) -> TelemetryPayload:
+        # one clock read per message, not per reading (ingest's hot path)
+        latest = clock() + MAX_AHEAD
+        check_window("time", self.time, latest)
+        for i, reading in enumerate(self.readings):
+            if reading.time is not None and reading.time > latest:
+                check_window(f"readings.{i}.time", reading.time, latest)
+        return self
 
 
 class StatusPayload(_Strict):
     """``…/{device}/status``, retained: the device's health as the edge sees it."""
 
     v: Literal[1]
-    time: AwareDatetime
+    time: ReportedTime
     online: bool
     battery: Annotated[int, Field(ge=0, le=100)] | None = None
     rssi: Annotated[int, Field(ge=-150, le=20)] | None = None
-    last_seen: AwareDatetime | None = None
-    detail: Annotated[str, StringConstraints(max_length=256)] | None = None
+    last_seen: ReportedTime | None = None
+    detail: Text | None = None
+
+    @model_validator(mode="after")
+    def refuse_future_time(self) -> StatusPayload:
+        latest = clock() + MAX_AHEAD
+        check_window("time", self.time, latest)
+        check_window("last_seen", self.last_seen, latest)
+        return self
 
 
 class GatewayStatusPayload(_Strict):
     """``…/gateway/{gateway}/status``, retained: birth (online) and last will (offline)."""
 
     v: Literal[1]
-    time: AwareDatetime | None = None
+    time: ReportedTime | None = None
     online: bool
-    version: Annotated[str, StringConstraints(max_length=32)] | None = None
-    drivers: dict[Annotated[str, StringConstraints(max_length=64)], str] = Field(
+    version: Annotated[str, StringConstraints(max_length=32, pattern=_NO_NUL)] | None = None
+    drivers: dict[Annotated[str, StringConstraints(max_length=64, pattern=_NO_NUL)], Text] = Field(
         default_factory=dict, max_length=256
     )
+
+    @model_validator(mode="after")
+    def refuse_future_time(self) -> GatewayStatusPayload:
+        check_window("time", self.time, clock() + MAX_AHEAD)
+        return self
 
 
 class CommandAction(StrEnum):
@@ -119,9 +215,14 @@ class CommandPayload(_Strict):
     v: Literal[1]
     command_id: uuid.UUID
     action: CommandAction
-    time: AwareDatetime
+    time: AwareDatetime  # not windowed: an edge with a wrong clock must still obey commands
     args: dict[DataKey, Scalar] = Field(default_factory=dict, max_length=16)
     alert_id: uuid.UUID | None = None
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def refuse_huge_ints(cls, value: object) -> object:
+        return check_scalars(value)
 
 
 class CommandOutcome(StrEnum):
@@ -143,10 +244,15 @@ class CommandResultPayload(_Strict):
     command_id: uuid.UUID
     action: CommandAction
     outcome: CommandOutcome
-    time: AwareDatetime
-    reason: Annotated[str, StringConstraints(max_length=256)] | None = None
-    via: Annotated[str, StringConstraints(max_length=64)] | None = None  # the driver that did it
+    time: ReportedTime
+    reason: Text | None = None
+    via: Annotated[str, StringConstraints(max_length=64, pattern=_NO_NUL)] | None = None  # driver
     alert_id: uuid.UUID | None = None
+
+    @model_validator(mode="after")
+    def refuse_future_time(self) -> CommandResultPayload:
+        check_window("time", self.time, clock() + MAX_AHEAD)
+        return self
 
 
 PAYLOAD_MODELS: dict[str, type[BaseModel]] = {
@@ -176,6 +282,4 @@ def dump(model: BaseModel) -> bytes:
 
 
 def now_utc() -> datetime:
-    from datetime import UTC
-
     return datetime.now(UTC)

@@ -2,22 +2,27 @@
 
 Pure and synchronous so it can run inside the socket read path and be tested
 without a broker. Every message ends up in exactly one place: a row list, the
-status map, the command-ignore count or the dead letters.
+status map, the command-ignore count or the dead letters. Nothing a message
+holds may raise out of ``Classifier.add``: whatever goes wrong becomes that
+message's dead letter (issue 6 §1: no single message may stop ingest).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 import orjson
 from pydantic import ValidationError
 
 from gateway.contract.payloads import (
+    CommandResultPayload,
     EventPayload,
     GatewayStatusPayload,
     StatusPayload,
     TelemetryPayload,
+    now_utc,
 )
 from gateway.contract.topics import (
     Channel,
@@ -27,22 +32,73 @@ from gateway.contract.topics import (
     parse_topic,
 )
 
+
+class DeadReason(StrEnum):
+    """Why a message became a dead letter: a small fixed set (a metric label, a column)."""
+
+    TOPIC = "topic"  # not one of the contract's topics (or a reserved id)
+    JSON = "json"  # not a JSON document
+    SCHEMA = "schema"  # JSON, but not the payload the topic calls for
+    RANGE = "range"  # a number or a time outside what the contract accepts
+    DATABASE = "database"  # valid by the contract, refused by the database
+    INTERNAL = "internal"  # a bug of ours; the message is kept so it can be replayed
+
+
 TelemetryRow = tuple[datetime, str, str, str, float, str]
 EventRow = tuple[object, datetime, str, str, str, str, str, str]  # data as JSON text
 StatusRow = tuple[str, str, bool, int | None, int | None, str | None, datetime]
-DeadLetter = tuple[str, bytes, str]
+CommandResultRow = tuple[
+    object, str, str, str, str, str | None, str | None, object | None, datetime
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    payload: bytes
+    reason: str
+    kind: DeadReason
+    dup: bool = False  # MQTT DUP flag: a redelivery, not a new occurrence
+
+
+# pydantic error types that mean "a value out of the accepted range", not "wrong shape"
+_RANGE_ERRORS = frozenset(
+    {
+        "finite_number",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "time_window",
+        "int_out_of_range",
+    }
+)
+_JSON_ERRORS = frozenset({"json_invalid", "json_type"})
 
 _validate_telemetry = TelemetryPayload.model_validate_json
 _validate_event = EventPayload.model_validate_json
 _validate_status = StatusPayload.model_validate_json
 _validate_gateway = GatewayStatusPayload.model_validate_json
+_validate_command_result = CommandResultPayload.model_validate_json
 
 
-def _reason(exc: ValidationError) -> str:
-    first = exc.errors(include_url=False)[:3]
+def classify_error(exc: ValidationError) -> tuple[DeadReason, str]:
+    """The reason class and a short reason text (the most specific errors first)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    types = {e["type"] for e in errors}
+    if types & _JSON_ERRORS:
+        kind = DeadReason.JSON
+    elif types & _RANGE_ERRORS:
+        kind = DeadReason.RANGE
+    else:
+        kind = DeadReason.SCHEMA
+    # a union reports one "*_type" error per branch; the specific one says more
+    errors.sort(key=lambda e: e["type"].endswith("_type"))
+    first = errors[:3]
     parts = [f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in first]
-    more = exc.error_count() - len(first)
-    return "invalid payload: " + "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+    more = len(errors) - len(first)
+    text = "invalid payload: " + "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+    return kind, text
 
 
 @dataclass
@@ -50,9 +106,11 @@ class Batch:
     telemetry: list[TelemetryRow] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
     statuses: dict[tuple[str, str], StatusRow] = field(default_factory=dict)
+    command_results: list[CommandResultRow] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    sites: dict[str, int] = field(default_factory=dict)  # stored messages per site
     acks: dict[int, list[int]] = field(default_factory=dict)  # epoch -> packet ids
-    raw: list[tuple[str, bytes]] = field(default_factory=list)  # to isolate a poison message
+    raw: list[tuple[str, bytes, bool]] = field(default_factory=list)  # to isolate a poison one
     messages: int = 0
     ignored: int = 0
 
@@ -76,58 +134,75 @@ class Classifier:
             self._topics[topic] = t
         return t
 
-    def add(self, batch: Batch, topic: str, payload: bytes) -> None:
+    def add(self, batch: Batch, topic: str, payload: bytes, dup: bool = False) -> None:
+        """Put one message into ``batch``; never raises."""
         batch.messages += 1
-        batch.raw.append((topic, payload))
+        batch.raw.append((topic, payload, dup))
         try:
             t = self._topic(topic)
         except TopicError as exc:
-            batch.dead.append((topic, payload, str(exc)))
+            batch.dead.append(DeadLetter(topic, payload, str(exc), DeadReason.TOPIC, dup))
+            return
+        except Exception as exc:
+            batch.dead.append(internal_dead_letter(topic, payload, exc, dup))
             return
         try:
-            if type(t) is DeviceTopic:
-                channel = t.channel
-                if channel is Channel.TELEMETRY:
-                    msg = _validate_telemetry(payload)
-                    site, device, default_time = t.site, t.device, msg.time
-                    batch.telemetry.extend(
-                        [
-                            (r.time or default_time, site, device, r.metric, r.value, r.unit)
-                            for r in msg.readings
-                        ]
-                    )
-                elif channel is Channel.EVENT:
-                    ev = _validate_event(payload)
-                    batch.events.append(
-                        (
-                            ev.event_id,
-                            ev.time,
-                            t.site,
-                            t.device,
-                            ev.type.value,
-                            ev.phase.value,
-                            ev.profile,
-                            orjson.dumps(ev.data).decode(),
-                        )
-                    )
-                elif channel is Channel.STATUS:
-                    st = _validate_status(payload)
-                    self._status(
-                        batch,
-                        (t.site, t.device, st.online, st.battery, st.rssi, st.detail, st.time),
-                    )
-                else:  # our own downlink commands: not ingest's to store
-                    batch.ignored += 1
-            else:
-                assert isinstance(t, GatewayStatusTopic)
-                gw = _validate_gateway(payload)
-                detail = ",".join(f"{k}={v}" for k, v in sorted(gw.drivers.items())) or gw.version
-                when = gw.time or datetime.now().astimezone()
-                self._status(
-                    batch, (t.site, f"gateway:{t.gateway}", gw.online, None, None, detail, when)
-                )
+            site = self._rows(batch, t, payload)
         except ValidationError as exc:
-            batch.dead.append((topic, payload, _reason(exc)))
+            kind, reason = classify_error(exc)
+            batch.dead.append(DeadLetter(topic, payload, reason, kind, dup))
+            return
+        except Exception as exc:
+            batch.dead.append(internal_dead_letter(topic, payload, exc, dup))
+            return
+        if site is not None:
+            sites = batch.sites
+            sites[site] = sites.get(site, 0) + 1
+
+    @staticmethod
+    def _rows(batch: Batch, t: DeviceTopic | GatewayStatusTopic, payload: bytes) -> str | None:
+        """Validate and append the rows; return the site whose message is stored (or None)."""
+        if type(t) is DeviceTopic:
+            channel = t.channel
+            if channel is Channel.TELEMETRY:
+                msg = _validate_telemetry(payload)
+                site, device, default_time = t.site, t.device, msg.time
+                batch.telemetry.extend(
+                    [
+                        (r.time or default_time, site, device, r.metric, r.value, r.unit)
+                        for r in msg.readings
+                    ]
+                )
+            elif channel is Channel.EVENT:
+                ev = _validate_event(payload)
+                data = orjson.dumps(ev.data).decode()  # before appending: it may raise
+                batch.events.append(
+                    (ev.event_id, ev.time, t.site, t.device, ev.type.value, ev.phase.value,
+                     ev.profile, data)
+                )  # fmt: skip
+            elif channel is Channel.STATUS:
+                st = _validate_status(payload)
+                Classifier._status(
+                    batch, (t.site, t.device, st.online, st.battery, st.rssi, st.detail, st.time)
+                )
+            elif channel is Channel.COMMAND_RESULT:
+                cr = _validate_command_result(payload)
+                batch.command_results.append(
+                    (cr.command_id, t.site, t.device, cr.action.value, cr.outcome.value,
+                     cr.reason, cr.via, cr.alert_id, cr.time)
+                )  # fmt: skip
+            else:  # our own downlink commands: not ingest's to store
+                batch.ignored += 1
+                return None
+            return t.site
+        assert isinstance(t, GatewayStatusTopic)
+        gw = _validate_gateway(payload)
+        detail = ",".join(f"{k}={v}" for k, v in sorted(gw.drivers.items())) or gw.version
+        when = gw.time or now_utc()
+        Classifier._status(
+            batch, (t.site, f"gateway:{t.gateway}", gw.online, None, None, detail, when)
+        )
+        return t.site
 
     @staticmethod
     def _status(batch: Batch, row: StatusRow) -> None:
@@ -135,3 +210,10 @@ class Classifier:
         old = batch.statuses.get(key)
         if old is None or old[6] <= row[6]:
             batch.statuses[key] = row
+
+
+def internal_dead_letter(topic: str, payload: bytes, exc: BaseException, dup: bool) -> DeadLetter:
+    return DeadLetter(
+        topic, payload, f"internal error: {type(exc).__name__}: {exc}"[:1000],
+        DeadReason.INTERNAL, dup,
+    )  # fmt: skip

@@ -17,12 +17,28 @@ import time
 import psycopg
 
 from gateway import metrics
-from gateway.ingest.batch import Batch, Classifier
+from gateway.ingest.batch import Batch, Classifier, DeadLetter, DeadReason, internal_dead_letter
 from gateway.ingest.store import IngestStore
 from gateway.mqtt.codec import Publish
 from gateway.mqtt.consumer import MqttConsumer
 
 log = logging.getLogger(__name__)
+
+# SQLSTATE classes that pass by themselves: connection exception, insufficient
+# resources, operator intervention (shutdown, query cancelled), transaction
+# rollback (deadlock, serialization), system error. Anything else a batch can
+# cause by its content, so it is isolated instead of retried forever.
+_TRANSIENT_CLASSES = frozenset({"08", "53", "57", "40", "58"})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether retrying the same batch later can succeed (the database is away or busy)."""
+    if isinstance(exc, OSError | psycopg.InterfaceError):
+        return True  # no connection, or a connection closed under us: the store reconnects
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state[:2] in _TRANSIENT_CLASSES
+    return False
 
 
 class IngestPipeline:
@@ -45,10 +61,13 @@ class IngestPipeline:
     def attach(self, consumer: MqttConsumer) -> None:
         self.consumer = consumer
 
-    # Called from the socket read path for every PUBLISH.
+    # Called from the socket read path for every PUBLISH: must never raise.
     def on_publish(self, epoch: int, pub: Publish) -> None:
         batch = self._batch
-        self.classifier.add(batch, pub.topic, pub.payload)
+        try:
+            self.classifier.add(batch, pub.topic, pub.payload, pub.dup)
+        except Exception as exc:
+            batch.dead.append(internal_dead_letter(pub.topic, pub.payload, exc, pub.dup))
         if pub.packet_id is not None:
             acks = batch.acks.get(epoch)
             if acks is None:
@@ -60,7 +79,7 @@ class IngestPipeline:
         self._wake.set()
 
     async def run(self) -> None:
-        """Write batches until cancelled."""
+        """Write batches until cancelled; no message and no database error ends it."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -75,19 +94,69 @@ class IngestPipeline:
         started = time.perf_counter()
         try:
             await self._write_until_durable(batch)
-        except psycopg.Error as exc:
+        except Exception as exc:
             metrics.INGEST_STORE_ERRORS.inc()
-            log.error("batch refused by the database (%s); writing its messages one by one", exc)
-            for topic, payload in batch.raw:
-                single = Batch()
-                self.classifier.add(single, topic, payload)
-                try:
-                    await self._write_until_durable(single)
-                except psycopg.Error as single_exc:
-                    dead = (topic, payload, f"refused by the database: {single_exc}")
-                    await self._write_until_durable(Batch(dead=[dead]))
-                    batch.dead.append(dead)
+            log.error(
+                "batch of %d messages refused (%s: %s); isolating the cause",
+                batch.messages,
+                type(exc).__name__,
+                exc,
+            )
+            batch.dead = await self._isolate(batch.raw)
         metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _isolate(self, raw: list[tuple[str, bytes, bool]]) -> list[DeadLetter]:
+        """Write ``raw`` in halves until each refused message stands alone as a dead letter.
+
+        Bisecting costs about 2·log2(n) extra transactions per poison message,
+        not one per message of the batch. Returns every dead letter written.
+        """
+        dead: list[DeadLetter] = []
+        pending = [raw]
+        while pending:
+            part = pending.pop()
+            sub = Batch()
+            for topic, payload, dup in part:
+                self.classifier.add(sub, topic, payload, dup)
+            try:
+                await self._write_until_durable(sub)
+                dead.extend(sub.dead)
+                continue
+            except Exception as exc:
+                if len(part) > 1:
+                    half = len(part) // 2
+                    pending += [part[half:], part[:half]]
+                    continue
+                topic, payload, dup = part[0]
+                kind = (
+                    DeadReason.DATABASE if isinstance(exc, psycopg.Error) else DeadReason.INTERNAL
+                )
+                letter = DeadLetter(
+                    topic, payload, f"refused on writing: {type(exc).__name__}: {exc}"[:1000],
+                    kind, dup,
+                )  # fmt: skip
+            await self._write_dead_letter(letter)
+            dead.append(letter)
+        return dead
+
+    async def _write_dead_letter(self, letter: DeadLetter) -> None:
+        """A dead letter must be stored before its message is acknowledged; never give up."""
+        backoff = 0.1
+        attempt = letter
+        while True:
+            try:
+                await self._write_until_durable(Batch(dead=[attempt]))
+                return
+            except Exception as exc:
+                metrics.INGEST_STORE_ERRORS.inc()
+                log.error("dead letter not stored (%s: %s); retrying", type(exc).__name__, exc)
+                # the bare minimum a dead_letters row needs, in case the text was the cause
+                attempt = DeadLetter(
+                    "(unstorable topic)", letter.payload, "internal error: dead letter refused",
+                    DeadReason.INTERNAL, letter.dup,
+                )  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _write_until_durable(self, batch: Batch) -> None:
         """Retry while the database is unreachable; raise what retrying cannot cure."""
@@ -96,7 +165,9 @@ class IngestPipeline:
             try:
                 await self.store.write(batch)
                 return
-            except (psycopg.OperationalError, OSError) as exc:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 metrics.INGEST_STORE_ERRORS.inc()
                 log.warning("ingest store unavailable (%s); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -114,10 +185,13 @@ class IngestPipeline:
         metrics.INGEST_MESSAGES.inc(batch.messages)
         metrics.INGEST_TELEMETRY_ROWS.inc(len(batch.telemetry))
         metrics.INGEST_EVENTS.inc(len(batch.events))
-        if batch.dead:
-            metrics.DEAD_LETTERS.inc(len(batch.dead))
-            for topic, _, reason in batch.dead:
-                log.info("dead letter on %s: %s", topic, reason)
+        for letter in batch.dead:
+            metrics.DEAD_LETTERS.labels(letter.kind.value).inc()
+            log.info(
+                "dead letter (%s) on %.200r: %s", letter.kind.value, letter.topic, letter.reason
+            )
+        if batch.command_results:
+            metrics.INGEST_COMMAND_RESULTS.inc(len(batch.command_results))
         if batch.ignored:
             metrics.INGEST_IGNORED.inc(batch.ignored)
         if consumer is not None and self._pending < self.high_water // 2:

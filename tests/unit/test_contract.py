@@ -12,9 +12,12 @@ from pydantic import ValidationError
 from gateway.contract import schemas_io
 from gateway.contract.payloads import (
     CommandAction,
+    CommandOutcome,
     CommandPayload,
+    CommandResultPayload,
     EventPayload,
     EventType,
+    GatewayStatusPayload,
     Phase,
     StatusPayload,
     TelemetryPayload,
@@ -129,3 +132,156 @@ def test_committed_json_schemas_match_the_models() -> None:
     event_schema = json.loads(rendered["event.json"])
     assert event_schema["additionalProperties"] is False
     assert set(event_schema["required"]) >= {"v", "event_id", "type", "phase", "time", "profile"}
+
+
+# -- issue 6 §2: values that are not real numbers or real times ----------------------
+
+_EVENT = (
+    '{{"v":1,"event_id":"6f1c1d4e-8f0a-4d0e-9d5c-3b1f6a2e9c11","type":"sos","phase":"pulse",'
+    '"time":"{time}","profile":"es-cb1","data":{data}}}'
+)
+
+
+def _event(time: str = "2026-11-22T08:00:00Z", data: str = "{}") -> bytes:
+    return _EVENT.format(time=time, data=data).encode()
+
+
+def _error_types(exc: pytest.ExceptionInfo[ValidationError]) -> set[str]:
+    return {e["type"] for e in exc.value.errors()}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_non_finite_numbers_are_refused(literal: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        TelemetryPayload.model_validate_json(
+            '{"v":1,"time":"2026-11-22T08:00:00Z","readings":[{"metric":"x","value":'
+            + literal
+            + "}]}"
+        )
+    assert "finite_number" in _error_types(exc)
+    with pytest.raises(ValidationError) as exc:
+        EventPayload.model_validate_json(_event(data='{"x":' + literal + "}"))
+    assert "finite_number" in _error_types(exc)
+
+
+@pytest.mark.parametrize("n", [2**64, 2**63, -(2**63) - 1, 10**400])
+def test_integers_beyond_64_bits_are_refused_not_rounded(n: int) -> None:
+    with pytest.raises(ValidationError) as exc:
+        EventPayload.model_validate_json(_event(data=f'{{"n":{n}}}'))
+    assert _error_types(exc) == {"int_out_of_range"}
+    with pytest.raises(ValidationError):
+        CommandPayload(
+            v=1, command_id=uuid.uuid4(), action=CommandAction.LOCATE, time=datetime.now(UTC),
+            args={"n": n},
+        )  # fmt: skip
+    assert EventPayload.model_validate_json(_event(data=f'{{"n":{2**63 - 1}}}')).data == {
+        "n": 2**63 - 1
+    }
+
+
+@pytest.mark.parametrize(
+    "time",
+    [
+        "9999-12-31T23:59:59-14:00",  # year 10000 in UTC
+        "0001-01-01T00:00:00+14:00",  # 1 BC in UTC
+        "1999-12-31T23:59:59Z",
+        "2000-01-01T07:59:59+08:00",  # 1999 in UTC
+        "1970-01-01T00:00:00Z",  # a clock that never synced
+    ],
+)
+def test_times_outside_the_window_are_refused(time: str) -> None:
+    with pytest.raises(ValidationError):
+        EventPayload.model_validate_json(_event(time=time))
+    with pytest.raises(ValidationError):
+        StatusPayload.model_validate_json(f'{{"v":1,"online":true,"time":"{time}"}}')
+    with pytest.raises(ValidationError):
+        StatusPayload.model_validate_json(
+            f'{{"v":1,"online":true,"time":"2026-11-22T08:00:00Z","last_seen":"{time}"}}'
+        )
+    with pytest.raises(ValidationError):
+        GatewayStatusPayload.model_validate_json(f'{{"v":1,"online":true,"time":"{time}"}}')
+    with pytest.raises(ValidationError):
+        TelemetryPayload.model_validate_json(
+            '{"v":1,"time":"2026-11-22T08:00:00Z","readings":[{"metric":"x","value":1,'
+            f'"time":"{time}"}}]}}'
+        )
+
+
+def test_the_window_follows_the_clock_at_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upper bound is the validating process's clock + 24 h, read at each validation."""
+    from gateway.contract import payloads
+
+    t = "2030-06-01T12:00:00Z"
+    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 11, 59, 59, tzinfo=UTC))
+    with pytest.raises(ValidationError) as exc:
+        EventPayload.model_validate_json(_event(time=t))
+    assert _error_types(exc) == {"time_window"}
+    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 0, tzinfo=UTC))
+    assert EventPayload.model_validate_json(_event(time=t)).time == datetime(
+        2030, 6, 1, 12, tzinfo=UTC
+    )
+    with pytest.raises(ValidationError) as exc:
+        TelemetryPayload.model_validate_json(
+            '{"v":1,"time":"2030-05-31T12:00:00Z","readings":[{"metric":"x","value":1},'
+            '{"metric":"x","value":2,"time":"2030-06-01T12:00:01Z"}]}'
+        )
+    assert "readings.1.time" in str(exc.value)
+    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 1, tzinfo=UTC))
+    with pytest.raises(ValidationError):  # the model the edge builds is checked the same way
+        CommandResultPayload(
+            v=1, command_id=uuid.uuid4(), action=CommandAction.LOCATE,
+            outcome=CommandOutcome.EXECUTED, time=datetime(2030, 6, 1, 12, 0, 2, tzinfo=UTC),
+        )  # fmt: skip
+
+
+def test_text_the_database_cannot_hold_is_refused() -> None:
+    with pytest.raises(ValidationError):
+        EventPayload.model_validate_json(_event(data='{"x":"a\\u0000"}'))
+    with pytest.raises(ValidationError):
+        StatusPayload.model_validate_json(
+            '{"v":1,"online":true,"time":"2026-11-22T08:00:00Z","detail":"\\u0000"}'
+        )
+    with pytest.raises(ValidationError):  # a lone surrogate is not UTF-8
+        EventPayload.model_validate_json(_event(data='{"x":"\\ud800"}'))
+
+
+def test_dead_letter_reason_classes() -> None:
+    from gateway.ingest.batch import Batch, Classifier, DeadReason
+
+    classifier = Classifier()
+    batch = Batch()
+    cases = {
+        ("eldersafe/v1/home/gateway/event", _event()): DeadReason.TOPIC,  # reserved id
+        ("eldersafe/v1/home/BAD/event", _event()): DeadReason.TOPIC,
+        ("eldersafe/v1/home/btn/event", b"{nope"): DeadReason.JSON,
+        ("eldersafe/v1/home/btn/event", b"[]"): DeadReason.SCHEMA,
+        ("eldersafe/v1/home/btn/event", _event(data='{"x":true,"y":[1]}')): DeadReason.SCHEMA,
+        ("eldersafe/v1/home/btn/event", _event(data='{"x":1e400}')): DeadReason.RANGE,
+        ("eldersafe/v1/home/btn/event", _event(time="1999-01-01T00:00:00Z")): DeadReason.RANGE,
+    }
+    for (topic, payload), _ in cases.items():
+        classifier.add(batch, topic, payload)
+    assert [d.kind for d in batch.dead] == list(cases.values())
+    assert batch.messages == len(cases) and not batch.events
+    assert "reserved" in batch.dead[0].reason
+
+
+def test_a_command_result_becomes_a_row_and_a_command_is_ignored() -> None:
+    from gateway.ingest.batch import Batch, Classifier
+
+    result = CommandResultPayload(
+        v=1, command_id=uuid.uuid4(), action=CommandAction.HUSH, outcome=CommandOutcome.REFUSED,
+        time=datetime.now(UTC), reason="not an es-sd1",
+    )  # fmt: skip
+    command = CommandPayload(
+        v=1, command_id=uuid.uuid4(), action=CommandAction.HUSH, time=datetime.now(UTC)
+    )
+    batch = Batch()
+    classifier = Classifier()
+    classifier.add(batch, "eldersafe/v1/home/ef-1/command/result", dump(result))
+    classifier.add(batch, "eldersafe/v1/home/ef-1/command", dump(command))
+    assert not batch.dead and batch.ignored == 1 and batch.sites == {"home": 1}
+    assert batch.command_results == [
+        (result.command_id, "home", "ef-1", "hush", "refused", "not an es-sd1", None, None,
+         result.time)
+    ]  # fmt: skip

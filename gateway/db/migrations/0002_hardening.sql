@@ -3,12 +3,28 @@
 
 -- Dead letters keep a bounded prefix of a huge payload with its full length and
 -- a digest; the digest makes a redelivered dead letter one row, not two.
+-- digest = sha256(topic, 0x00, payload); occurrences counts fresh repeats of the
+-- same bytes, not redeliveries (MQTT DUP flag set). reason_class is one of the
+-- fixed classes of the dead-letter metric.
 ALTER TABLE dead_letters
     ADD COLUMN payload_length   integer,
     ADD COLUMN digest           bytea,
     ADD COLUMN occurrences      integer NOT NULL DEFAULT 1,
-    ADD COLUMN last_received_at timestamptz;
+    ADD COLUMN last_received_at timestamptz,
+    ADD COLUMN reason_class     text CHECK (reason_class IN
+        ('topic', 'json', 'schema', 'range', 'database', 'internal'));
 CREATE UNIQUE INDEX dead_letters_digest ON dead_letters (digest);
+
+-- Sites that sent messages but are not registered in `sites`. Their messages
+-- are stored as usual (an SOS is never dropped over an administrative lapse);
+-- this table is what an operator looks at to register them. `messages` counts
+-- deliveries, so a redelivery after a crash may count twice.
+CREATE TABLE unregistered_sources (
+    site_id    text PRIMARY KEY,
+    first_seen timestamptz NOT NULL DEFAULT now(),
+    last_seen  timestamptz NOT NULL DEFAULT now(),
+    messages   bigint NOT NULL DEFAULT 0
+);
 
 -- The edge's answer to each downlink command (…/{device}/command/result):
 -- one row per command id, however often the answer is redelivered.
