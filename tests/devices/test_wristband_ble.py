@@ -133,6 +133,13 @@ def occurrences(seen: Collected, kind: OccurrenceKind) -> list[Occurrence]:
     return [o for o in seen.items if isinstance(o, Occurrence) and o.kind is kind]
 
 
+async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
+    """Poll a condition with a deadline (for counters that have no event to wait on)."""
+    async with asyncio.timeout(within_s):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
 async def test_plain_bleak_scanner_sees_the_wristband(rig: Rig) -> None:
     async with BleakScanner(backend=BumbleScanner, **rig.central.bleak_kwargs()) as scanner:
         device, adv = await anext(
@@ -176,7 +183,12 @@ async def test_fall_is_one_occurrence_across_adverts_and_gatt(rig: Rig) -> None:
         await rig.wait_connected(driver)
         before = driver.stats.adverts
         seq = await rig.band.fall(confidence=87)
-        await asyncio.sleep(0.5)  # ~25 adverts carrying the flag, plus the notification
+        # Many adverts carrying the flag, and the notification, all seen and suppressed.
+        await eventually(
+            lambda: driver.stats.adverts - before >= 10
+            and driver.stats.alarm_notifications == 1
+            and driver.stats.duplicates_suppressed >= 10
+        )
 
         falls = occurrences(rig.seen, OccurrenceKind.FALL)
         assert len(falls) == 1
@@ -194,7 +206,8 @@ async def test_fall_is_one_occurrence_across_adverts_and_gatt(rig: Rig) -> None:
         seq2 = await rig.band.press_sos()
         sos = await rig.seen.wait_for(is_occurrence(OccurrenceKind.SOS))
         assert isinstance(sos, Occurrence) and sos.dedup_key == f"es-wb1:{ADDRESS}:{seq2}"
-        await asyncio.sleep(0.2)
+        repeats = driver.stats.duplicates_suppressed
+        await eventually(lambda: driver.stats.duplicates_suppressed >= repeats + 5)
         assert len(occurrences(rig.seen, OccurrenceKind.SOS)) == 1
         assert len(occurrences(rig.seen, OccurrenceKind.FALL)) == 1
 

@@ -10,7 +10,14 @@ from bumble.core import AdvertisingData
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device_drivers.model import DecodeError
+from device_drivers.model import (
+    Condition,
+    ConditionKind,
+    DecodeError,
+    LinkStatus,
+    Occurrence,
+    OccurrenceKind,
+)
 from device_drivers.wristband.advert import (
     WristbandAdvert,
     decode_advert,
@@ -28,6 +35,7 @@ from device_drivers.wristband.gatt import (
     encode_locate,
     encode_set_clock,
 )
+from device_drivers.wristband.state import WristbandStats, WristbandTracker
 
 # A complete advertising payload as the simulated wristband puts it on the air:
 # flags AD, complete local name "ES-WB1-0001", manufacturer data (company FFFF LE).
@@ -199,3 +207,48 @@ def test_fuzz_advert_mapping(mapping: dict[int, bytes]) -> None:
         return
     assert advert.version == 1
     assert advert.battery is None or 0 <= advert.battery <= 100
+
+
+# -- the alarm state machine, on the clock it is given -------------------------------------
+
+BAND = "C0:4E:57:00:00:01"
+SOS_ADVERT = {0xFFFF: bytes.fromhex("01 05 07 48 61 55 3930 0c".replace(" ", ""))}
+QUIET_ADVERT = {0xFFFF: bytes.fromhex("01 04 07 48 61 55 3930 0c".replace(" ", ""))}
+
+
+def _tracker() -> WristbandTracker:
+    return WristbandTracker(
+        [BAND],
+        offline_after_s=300,
+        dedup_window_s=900,
+        reading_min_gap_s=5,
+        reading_refresh_s=60,
+        stats=WristbandStats(),
+        started_at=1000.0,
+    )
+
+
+def test_tracker_silence_and_alarms_follow_the_given_clock() -> None:
+    tracker = _tracker()
+    assert tracker.tick(1299.0, busy=set()) == []  # never heard, not yet 300 s
+    (status, offline) = tracker.tick(1300.0, busy=set())
+    assert status == LinkStatus(BAND, False)
+    assert offline == Condition(BAND, ConditionKind.OFFLINE, True, {"silent_s": 300.0})
+
+    out = tracker.advert(BAND, "ES-WB1-0001", SOS_ADVERT, -60, 1301.0)
+    assert out is not None
+    sos = [o for o in out if isinstance(o, Occurrence)]
+    assert [(o.kind, o.dedup_key) for o in sos] == [
+        (OccurrenceKind.SOS, f"es-wb1:{BAND}:{SOS_ADVERT[0xFFFF][2]}")
+    ]
+    assert Condition(BAND, ConditionKind.OFFLINE, False) in out
+    # The flag repeats in every advert: no second occurrence, however often.
+    for t in range(1302, 1320):
+        again = tracker.advert(BAND, "ES-WB1-0001", SOS_ADVERT, -60, float(t))
+        assert again is not None and not [o for o in again if isinstance(o, Occurrence)]
+    # Heard at 1319: silent only from 1619 on, not a tick earlier.
+    assert not [o for o in tracker.tick(1618.9, busy=set()) if isinstance(o, Condition)]
+    assert any(isinstance(o, Condition) and o.active for o in tracker.tick(1619.0, busy=set()))
+    quiet = tracker.advert(BAND, "ES-WB1-0001", QUIET_ADVERT, -60, 1620.0)
+    assert quiet is not None and not [o for o in quiet if isinstance(o, Occurrence)]
+    assert tracker.advert(BAND, "OTHER", {0x1234: b"x"}, -60, 1621.0) is None
