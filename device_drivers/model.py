@@ -121,9 +121,18 @@ class Driver(Protocol):
 
     ``run`` reads until cancelled and raises when its transport fails; the
     edge's supervisor restarts it with backoff. ``sink`` applies back-pressure
-    and never drops: a driver awaits it.
+    and never drops: a driver awaits it. Counters outlive the runs.
     """
 
     async def run(self, sink: ObservationSink) -> None: ...
 
     async def execute(self, command: Command) -> None: ...
+
+    def counters_snapshot(self) -> Mapping[str, Mapping[str, int]]:
+        """What the driver saw that did not become an observation (bad CRC, noise,
+        resyncs, duplicates, decode errors, failed polls …), as monotonic counts.
+
+        Keyed by scope: ``"line"`` for the transport as a whole, a device address
+        for per-device counts. The edge exports them (health.json, Prometheus).
+        """
+        ...

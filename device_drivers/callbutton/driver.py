@@ -265,6 +265,9 @@ class CallButtonReceiverDriver:
                 )
                 await sink(LinkStatus(address, online=False))
 
+    def counters_snapshot(self) -> dict[str, dict[str, int]]:
+        return {"line": self.counters.as_dict()}
+
     # -- downlink --------------------------------------------------------------------
 
     async def execute(self, command: Command) -> None:

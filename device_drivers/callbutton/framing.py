@@ -26,6 +26,7 @@ class LineCounters:
 
     frames: int = 0  # frames with a good CRC handed on
     noise_bytes: int = 0  # bytes skipped while hunting for AA 55
+    resyncs: int = 0  # hunts for the next AA 55 (after noise or a rejected candidate)
     bad_crc: int = 0
     cut_frames: int = 0  # bad CRC because another frame started inside this one
     unknown_type: int = 0
@@ -85,6 +86,7 @@ class Framer:
             idx = len(self._buf) - 1 if self._buf.endswith(SYNC[:1]) else len(self._buf)
         if idx:
             self.counters.noise_bytes += idx
+            self.counters.resyncs += 1
             del self._buf[:idx]
 
     def _reject_candidate(self) -> None:

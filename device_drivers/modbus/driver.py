@@ -51,6 +51,19 @@ __all__ = ["ModbusBusDriver", "ModbusUnit", "UnitHealth", "unit_address"]
 log = logging.getLogger(__name__)
 
 
+class _UnansweredRequests(logging.Filter):
+    """pymodbus logs an ERROR, with a dump of the last frames, for every request a unit
+    leaves unanswered. A silent unit is an expected state of a bus, not an error per
+    poll: the driver counts failed polls and logs each unit's offline and back-online
+    transition once (and raises when the port itself fails)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No response received" not in record.getMessage()
+
+
+logging.getLogger("pymodbus.logging").addFilter(_UnansweredRequests())
+
+
 def unit_address(unit_id: int) -> str:
     return f"unit-{unit_id}"
 
@@ -92,6 +105,15 @@ class UnitHealth:
     last_battery: int | None = None
     next_due: float = 0.0
     decode_errors: int = field(default=0)
+    offline_transitions: int = 0
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "polls": self.polls,
+            "failed_polls": self.failures,
+            "decode_errors": self.decode_errors,
+            "offline_transitions": self.offline_transitions,
+        }
 
 
 class ModbusBusDriver:
@@ -140,6 +162,11 @@ class ModbusBusDriver:
 
     def _interval(self, unit: ModbusUnit) -> float:
         return unit.poll_interval_s or register_map(unit.profile).poll_interval_s
+
+    def counters_snapshot(self) -> dict[str, dict[str, int]]:
+        per_unit = {unit_address(uid): h.counters() for uid, h in self.health.items()}
+        line = {name: sum(c[name] for c in per_unit.values()) for name in UnitHealth().counters()}
+        return {"line": line, **per_unit}
 
     # -- session ---------------------------------------------------------------------
 
@@ -212,6 +239,14 @@ class ModbusBusDriver:
             and health.offline is not True
         ):
             health.offline = True
+            health.offline_transitions += 1
+            log.warning(
+                "%s %s: offline after %d failed polls (%s)",
+                self.port,
+                address,
+                health.consecutive_failures,
+                error,
+            )
             data: dict[str, Scalar] = {
                 "failed_polls": health.consecutive_failures,
                 "error": error[:200],
@@ -227,6 +262,13 @@ class ModbusBusDriver:
         values: dict[str, Any],
         sink: ObservationSink,
     ) -> None:
+        if health.offline is True:
+            log.info(
+                "%s %s: answering again after %d failed polls",
+                self.port,
+                address,
+                health.consecutive_failures,
+            )
         health.consecutive_failures = 0
         battery = values.get("battery_pct")
         if health.offline is not False or battery != health.last_battery:
@@ -240,7 +282,7 @@ class ModbusBusDriver:
         for condition in conditions_from(regmap, address, values):
             await sink(condition)
         # Pulses (test button): only on the rising edge of the bit.
-        status = values["status"]
+        status = regmap.status_word(values)
         previous = health.last_status
         health.last_status = status
         for bit in regmap.status_bits:

@@ -86,6 +86,13 @@ class RegisterMap:
     def writable(self) -> dict[str, RegisterField]:
         return {f.write_name: f for f in self.fields if f.write_name}
 
+    def status_word(self, values: Mapping[str, Any]) -> int:
+        """The raw status bitfield out of decoded values, whatever the vendor named it."""
+        for f in self.fields:
+            if f.register == self.status_register:
+                return int(values[f.name])
+        raise KeyError(f"{self.profile}: no field at status register {self.status_register}")
+
     def field_named(self, name: str) -> RegisterField:
         for f in self.fields:
             if f.name == name:

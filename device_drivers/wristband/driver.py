@@ -162,7 +162,7 @@ class WristbandDriver:
             started_at=self._clock(),
         )
 
-    def counters(self) -> dict[str, dict[str, int]]:
+    def counters_snapshot(self) -> dict[str, dict[str, int]]:
         return {"line": self.stats.as_dict()}
 
     # ------------------------------------------------------------------ run

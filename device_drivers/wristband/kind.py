@@ -102,5 +102,5 @@ class BumbleWristbandDriver:
             raise CommandError("BLE adapter not running", recoverable=True)
         await inner.execute(command)
 
-    def counters(self) -> dict[str, dict[str, int]]:
+    def counters_snapshot(self) -> dict[str, dict[str, int]]:
         return {"line": self.stats.as_dict()}

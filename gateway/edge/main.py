@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.contract.topics import site_filter
 from gateway.edge import drivers as driver_factory
+from gateway.edge import metrics as edge_metrics
 from gateway.edge.commands import CommandRouter
 from gateway.edge.config import EdgeConfig, load_config
 from gateway.edge.outbox import AsyncOutbox, Outbox
@@ -83,6 +84,7 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
     router = CommandRouter(config.site, routes, supervisor.drivers, outbox)
     started = time.time()
     failure: BaseException | None = None
+    edge_metrics.serve(config.metrics, pipeline, supervisor)  # /metrics if configured
 
     def health_extra() -> dict[str, Any]:
         assert supervisor is not None
@@ -96,6 +98,7 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
                     "restarts": s.restarts,
                     "last_error": s.last_error,
                     "observations": s.observations,
+                    "counters": edge_metrics.driver_counters(s.driver),  # line and per device
                     "last_observation_age_s": None
                     if s.last_observation is None
                     else round(now - s.last_observation, 3),

@@ -152,7 +152,7 @@ def test_framer_three_repeats_are_three_frames() -> None:
 def test_framer_skips_noise_before_a_frame() -> None:
     framer = Framer()
     assert framer.feed(b"\x00\xaa\x13\x55\xff" + WORKED_EXAMPLE) == [_raw(WORKED_EXAMPLE)]
-    assert framer.counters == LineCounters(frames=1, noise_bytes=5)
+    assert framer.counters == LineCounters(frames=1, noise_bytes=5, resyncs=1)
 
 
 def test_framer_recovers_from_a_cut_frame() -> None:
