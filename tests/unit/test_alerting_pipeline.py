@@ -8,9 +8,13 @@ wired and tested against real receivers by the next step of issue 7).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alerting.model import Alert, AlertStatus, AlertType, AuditAction, AuditEntry, Channel
 from alerting.pipeline import (
@@ -358,3 +362,50 @@ async def test_a_role_that_reaches_nobody_is_recorded_not_silent() -> None:
         T0 + 60 * S, alert.id, "system:notifier", AuditAction.NOTED, Channel.SYSTEM,
         {"step": step.key.id, "role": "family", "note": "nobody reachable in this role"},
     )
+
+
+# --- nothing lost, nothing doubled, every switch within its window ---------------------
+
+ANSWERS = st.sampled_from(["confirmed", "unconfirmed", "recoverable", "unrecoverable", "crash"])
+
+
+def answer(name: str) -> Receipt | Exception:
+    answers: dict[str, Receipt | Exception] = {
+        "confirmed": Receipt(confirmed=True),
+        "unconfirmed": Receipt(confirmed=False),
+        "recoverable": DeliveryError("timeout", recoverable=True),
+        "unrecoverable": DeliveryError("bad target", recoverable=False),
+        "crash": RuntimeError("bug"),
+    }
+    return answers[name]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    console=st.lists(ANSWERS, min_size=1, max_size=8),
+    messaging=st.lists(ANSWERS, min_size=1, max_size=8),
+    voice=st.lists(ANSWERS, min_size=1, max_size=8),
+)
+async def test_every_notice_ends_delivered_or_dropped_with_a_reason_never_twice(
+    console: list[str], messaging: list[str], voice: list[str]
+) -> None:
+    alert = alert_of(EventKind.SOS)
+    channels = {
+        Channel.CONSOLE: Scripted(*map(answer, console)),
+        Channel.MESSAGING: Scripted(*map(answer, messaging)),
+        Channel.VOICE: Scripted(*map(answer, voice)),
+    }
+    deliveries, dropped = await drive(planned(alert, level=0), channels)
+    ok = [d for d in deliveries if d.delivered]
+    assert len({d.notice.key for d in ok}) == len(ok), "one channel delivered twice"
+    last = deliveries[-1]
+    # The chain ends on a confirmed delivery, on the last channel, or with a reason.
+    if last.delivered and (last.confirmed or not last.notice.fallback):
+        assert dropped == []
+    else:
+        assert [(x.notice, x.stage) for x in dropped] == [(last.notice, "retry")]
+    # Each channel is left within its window of 15 s (console) / 30 s (others).
+    for before, after in itertools.pairwise(deliveries):
+        if after.notice.channel is not before.notice.channel:
+            window = 15 * S if before.notice.channel is Channel.CONSOLE else 30 * S
+            assert after.at - before.notice.channel_since <= window
