@@ -137,13 +137,17 @@ def _reminder_steps(alert: Alert, policy: EscalationPolicy) -> Iterator[Step]:
         yield Step(key, at, policy.remind_roles, policy.remind_channels, AlertStatus.RESOLVED)
 
 
-def reached_level(alert: Alert, policy: EscalationPolicy) -> int:
-    """The highest rung the ladder reached before it stopped (or until now, if running)."""
+def reached_level(alert: Alert, policy: EscalationPolicy, by: datetime) -> int:
+    """The highest rung the ladder had reached at ``by`` (it stops when the ladder stops)."""
     stop = ladder_stopped_at(alert, policy)
     reached = [
         i
         for i, lv in enumerate(policy.levels)
-        if i == 0 or _before(alert.escalation_anchor + lv.after, stop)
+        if i == 0
+        or (
+            alert.escalation_anchor + lv.after <= by
+            and _before(alert.escalation_anchor + lv.after, stop)
+        )
     ]
     return max(reached)
 
@@ -155,7 +159,7 @@ def _service_circle_steps(alert: Alert, policy: EscalationPolicy) -> Iterator[St
     at = acked + within
     if not (_before(at, alert.on_scene_at) and _before(at, alert.resolved_at)):
         return
-    target = min(reached_level(alert, policy) + 1, len(policy.levels) - 1)
+    target = min(reached_level(alert, policy, at) + 1, len(policy.levels) - 1)
     lv: Level = policy.levels[target]
     key = StepKey(alert.id, alert.epoch, StepKind.SERVICE_CIRCLE, target)
     yield Step(key, at, lv.roles, lv.channels, AlertStatus.ON_SCENE)

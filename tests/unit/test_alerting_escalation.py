@@ -292,7 +292,21 @@ def test_unit_overrides_win_over_parents_and_defaults() -> None:
 
 # --- the planner never fires a step twice and never skips one -------------------------
 
-POLICIES = st.sampled_from([CRITICAL, SMOKE, MAJOR, MINOR])
+# A unit's policy whose ladder runs until resolved (acknowledging does not stop it),
+# with reminders and the service circle as well.
+UNTIL_RESOLVED = EscalationPolicy(
+    "until-resolved",
+    (
+        Level(timedelta(0), (Role.DUTY,), PAGE),
+        Level(20 * M, (Role.SUPERVISOR,), PAGE),
+        Level(60 * M, (Role.STREET,), PAGE),
+    ),
+    ladder_until=AlertStatus.RESOLVED,
+    repeat_top_every=30 * M,
+    remind_every=7 * M,
+    on_scene_within=15 * M,
+)
+POLICIES = st.sampled_from([CRITICAL, SMOKE, MAJOR, MINOR, UNTIL_RESOLVED])
 SECONDS = st.integers(min_value=0, max_value=3 * 3600)
 
 
@@ -356,3 +370,15 @@ def test_next_step_says_when_which_level_whom_and_through_which_channels() -> No
     assert next_step(alert, CRITICAL, set(), T0 + 70 * S) == step(
         alert, StepKind.LEVEL, 0, 0 * S, (Role.DUTY,), PAGE, ACK
     )
+
+
+def test_the_service_circle_climbs_from_the_rung_reached_when_it_fires() -> None:
+    slow = UNTIL_RESOLVED
+    alert = transition(
+        raise_alert(EventKind.FALL), acknowledge(STAFF, Channel.CONSOLE), T0 + M
+    ).after
+    circle = [s for s in due_steps(alert, slow, set(), T0 + 16 * M)
+              if s.kind is StepKind.SERVICE_CIRCLE]
+    # At 16 min only rung 0 had been reached: the circle calls rung 1, not the top.
+    assert circle == [step(alert, StepKind.SERVICE_CIRCLE, 1, 16 * M, (Role.SUPERVISOR,), PAGE,
+                           AlertStatus.ON_SCENE)]
