@@ -45,6 +45,9 @@ def _detail(detail: Mapping[str, DetailValue]) -> dict[str, DetailValue]:
             raise ValueError(f"audit detail {key!r}: {type(value).__name__} is not a scalar")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"audit detail {key!r}: non-finite number")
+        if "\x00" in key or (isinstance(value, str) and "\x00" in value):
+            # PostgreSQL text and jsonb cannot hold NUL: the row would never round-trip.
+            raise ValueError(f"audit detail {key!r}: NUL character")
         out[key] = value
     return out
 

@@ -86,7 +86,7 @@ def test_the_canonical_row_and_its_hash_are_fixed_bytes() -> None:
     assert link_hash(None, canonical) == hashlib.sha256(GENESIS + canonical).digest()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), [1], {"x": 1}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), [1], {"x": 1}, "a\x00b"])
 def test_details_the_encoding_cannot_round_trip_are_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="audit detail 'x'"):
         canonical_row(alert_id=A, seq=1, time=T0, actor="a", action="b", channel=None,
