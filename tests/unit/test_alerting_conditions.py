@@ -182,6 +182,12 @@ def test_vital_signs_outside_the_residents_range_for_two_minutes_raise_and_clear
                               "heart_rate_bpm 99 back within [40.0, 110.0] for 120 s")),
     ]
     assert hr.inside(115.0)  # the default range would not have raised at 115
+    raised = out[3][1]
+    assert raised is not None
+    (opened,) = decide_signal(raised, {}).transitions
+    assert (opened.after.type, opened.after.severity, opened.after.dedup_key) == (
+        AlertType.VITAL_SIGNS, Severity.MAJOR, "vital_signs:home-7:wb-1",
+    )
     # A late reading from a replayed batch changes nothing.
     assert evaluate_vital(mine, state, site_id=SITE, device_id="wb-1", value=200.0,
                           at=T0 + timedelta(seconds=10)) == (state, None)
