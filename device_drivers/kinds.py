@@ -84,7 +84,6 @@ class DriverConfig(BaseModel):
     KIND: ClassVar[str] = ""
     TRANSPORT: ClassVar[str] = ""  # Profile.transport of the profiles this kind carries
     DEFAULT_PROFILE: ClassVar[str | None] = None
-    ADDRESS_FORM: ClassVar[str] = "an address"  # for error messages
 
     kind: str
     name: Name

@@ -31,7 +31,6 @@ class ModbusDriverConfig(DriverConfig):
     KIND = "modbus"
     TRANSPORT = "modbus"
     DEFAULT_PROFILE = None
-    ADDRESS_FORM = "unit-1 … unit-247"
 
     kind: Literal["modbus"]
     port: Annotated[str, StringConstraints(min_length=1)]
