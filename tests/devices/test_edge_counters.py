@@ -64,6 +64,7 @@ async def test_counters_move_on_a_corrupt_frame_and_a_silent_unit(
     tmp_path: Path,
 ) -> None:
     metrics_port = free_port()
+    fast = {"poll_interval_s": 0.3}
     config = {
         "site": "site-a",
         "gateway": "gw-a",
@@ -88,8 +89,8 @@ async def test_counters_move_on_a_corrupt_frame_and_a_silent_unit(
                 "port": bus.url,
                 "request_timeout_s": 0.2,
                 "devices": [
-                    {"id": "smoke-1", "address": "unit-1", "profile": "es-sd1"},
-                    {"id": "ef-2", "address": "unit-2", "profile": "es-ef1"},
+                    {"id": "smoke-1", "address": "unit-1", "profile": "es-sd1", **fast},
+                    {"id": "ef-2", "address": "unit-2", "profile": "es-ef1", **fast},
                 ],
             },
         ],
