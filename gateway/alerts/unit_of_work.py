@@ -1,0 +1,256 @@
+"""The engine's two units of work over PostgreSQL: apply an inbox event, fire due timers.
+
+Both run inside one transaction and end in ``persist``: the alert changes
+(rows, chained audit rows, change-log rows), then each fired step's key in
+``alert_steps`` (a key already there fired before: its transition and notices
+are dropped) and the transitions of the steps that are new, the notices into the notifications outbox, downlink commands
+into the downlink outbox, and each alert's ``next_step_at``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from alerting.engine import Effects, settle
+from alerting.lifecycle import Command, IllegalTransition, Transition, transition
+from alerting.model import Alert
+from alerting.pipeline import Batch, Escalate, PlannedStep
+from alerting.planner import StepKey
+from alerting.ports import StoreError
+from alerting.rules import EngineEvent, EventKind, Phase, decide, dedup_keys
+from gateway.alerts.directory import Directory, load_policy_book
+from gateway.alerts.store import PgAlertTransaction
+
+log = logging.getLogger(__name__)
+
+_NOTICE = """
+INSERT INTO notifications (key, alert_id, step_id, level, person_id, role, channel, target, text,
+    until_status, fallback, not_before, channel_since)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (key) DO NOTHING
+"""
+_DOWNLINK = """
+INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action, created_at)
+VALUES (%s, %s, %s, %s, %s, %s)
+ON CONFLICT (command_id) DO NOTHING
+"""
+_CLAIM_INBOX = """
+SELECT id, event_id, time, site_id, device_id, type, phase, profile, data FROM engine_inbox
+ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_DEAD = """
+INSERT INTO engine_dead_letters (event_id, event, reason) VALUES (%s, %s, %s)
+ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, failed_at = now()
+"""
+
+
+@dataclass
+class Outcome:
+    """What one unit of work did (for metrics, logs and tests)."""
+
+    events: int = 0
+    ignored: int = 0
+    dead: int = 0
+    steps: int = 0
+    steps_already_fired: int = 0
+    notices: int = 0
+    downlinks: int = 0
+    alerts: set[uuid.UUID] = field(default_factory=set)
+
+
+def event_from_row(r: dict[str, Any]) -> EngineEvent:
+    data = r["data"] if isinstance(r["data"], dict) else {}
+    return EngineEvent(
+        event_id=r["event_id"],
+        site_id=r["site_id"],
+        device_id=r["device_id"],
+        kind=EventKind(r["type"]),
+        phase=Phase(r["phase"]),
+        time=r["time"],
+        profile=r["profile"],
+        data={k: v for k, v in data.items() if isinstance(v, str | int | float | bool)},
+    )
+
+
+async def persist(
+    tx: PgAlertTransaction, directory: Directory, effects: Effects, now: datetime, out: Outcome
+) -> None:
+    changes = [t for t in effects.transitions if "step" not in t.audit.detail]
+    await tx.save(changes)  # a new alert's row first: its steps refer to it
+    already: set[str] = set()
+    for _alert, step in effects.steps:
+        if await tx.record_step(step.key, now, due=step.at):
+            out.steps += 1
+        else:
+            already.add(step.key.id)
+            out.steps_already_fired += 1
+    fired = [
+        t for t in effects.transitions
+        if "step" in t.audit.detail and t.audit.detail["step"] not in already
+    ]  # fmt: skip
+    await tx.save(fired)
+    out.alerts.update(t.after.id for t in (*changes, *fired))
+    planned = [
+        PlannedStep(alert, step, await directory.recipients(alert, step.roles, now))
+        for alert, step in effects.steps
+        if step.key.id not in already
+    ]
+    if planned:
+        batch = await Escalate()(Batch(now, steps=tuple(planned)))
+        for n in batch.pending:
+            await tx.conn.execute(
+                _NOTICE,
+                (n.key, n.alert_id, n.step_id, n.level, n.person_id, n.role.value,
+                 n.channel.value, n.target, n.text, n.until.value,
+                 Jsonb([[c.value, t] for c, t in n.fallback]), n.not_before, n.channel_since),
+            )  # fmt: skip
+            out.notices += 1
+        await tx.audit([u.audit() for u in batch.unstaffed])
+    for d in effects.downlinks:
+        await tx.conn.execute(
+            _DOWNLINK, (d.command_id, d.alert_id, d.site_id, d.device_id, d.action, now)
+        )
+        out.downlinks += 1
+    for alert_id, at in effects.next_step_at:
+        await tx.set_next_step_at(alert_id, at)
+    if effects.next_step_at:
+        # Timer workers sleep until the earliest deadline they know: tell them at commit.
+        await tx.conn.execute("SELECT pg_notify('engine_timers', '')")
+
+
+async def _settle_and_persist(
+    tx: PgAlertTransaction,
+    directory: Directory,
+    changes: Sequence[Transition],
+    now: datetime,
+    out: Outcome,
+    claimed: Sequence[Alert] = (),
+) -> None:
+    latest = {a.id: a for a in claimed} | {t.after.id: t.after for t in changes}
+    await directory.preload([a.site_id for a in latest.values()])
+    fired = await tx.fired_steps_of(list(latest))
+
+    def fired_for(alert: Alert) -> frozenset[StepKey]:
+        return frozenset(k for k in fired.get(alert.id, ()) if k.epoch == alert.epoch)
+
+    effects = settle(changes, directory.policy_for, fired_for, now, claimed)
+    await persist(tx, directory, effects, now, out)
+
+
+async def apply_event(
+    tx: PgAlertTransaction, directory: Directory, event: EngineEvent, now: datetime, out: Outcome
+) -> None:
+    """One event: lock its alerts, decide, settle (first rung, downlink, next timer)."""
+    open_alerts = await tx.lock_open(dedup_keys(event))
+    decision = decide(event, open_alerts)
+    if decision.ignored is not None:
+        out.ignored += 1
+        log.debug("event %s changes no alert: %s", event.event_id, decision.ignored)
+        return
+    await _settle_and_persist(tx, directory, decision.transitions, now, out)
+
+
+def _lock_order(row: dict[str, Any]) -> tuple[str, ...]:
+    try:
+        return dedup_keys(event_from_row(row))
+    except ValueError:
+        return ()
+
+
+async def intake_batch(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 50, worker: str = "engine"
+) -> Outcome:
+    """Claim up to ``limit`` inbox rows (SKIP LOCKED), apply each, delete them; one commit."""
+    out = Outcome()
+    async with conn.transaction():
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_CLAIM_INBOX, (limit,))
+            rows = await cur.fetchall()
+        if not rows:
+            return out
+        # Alerts are locked in key order across the batch, so two workers never deadlock.
+        rows.sort(key=lambda r: (_lock_order(r), r["id"]))
+        tx = PgAlertTransaction(conn, worker)
+        directory = Directory(conn, await load_policy_book(conn))
+        for row in rows:
+            await _apply_row(conn, tx, directory, row, now, out)
+            await conn.execute("DELETE FROM engine_inbox WHERE id = %s", (row["id"],))
+            out.events += 1
+    return out
+
+
+async def _apply_row(
+    conn: psycopg.AsyncConnection[Any],
+    tx: PgAlertTransaction,
+    directory: Directory,
+    row: dict[str, Any],
+    now: datetime,
+    out: Outcome,
+) -> None:
+    for attempt in range(3):
+        try:
+            async with conn.transaction():  # a savepoint: one bad event spoils no other
+                await apply_event(tx, directory, event_from_row(row), now, out)
+            return
+        except StoreError as exc:
+            # Lost the race to open a key: the winner has committed, so the next try
+            # finds its alert and counts a repeat (alerting/README.md, point 2).
+            tx.forget()
+            if attempt == 2:
+                raise
+            log.info("retrying event %s: %s", row["event_id"], exc)
+        except (ValueError, KeyError, IllegalTransition) as exc:
+            tx.forget()
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("event %s cannot be applied, kept in engine_dead_letters: %s",
+                      row["event_id"], reason)
+            event = {k: (str(v) if k in ("event_id", "time") else v) for k, v in row.items()
+                     if k != "id"}  # fmt: skip
+            await conn.execute(_DEAD, (row["event_id"], Jsonb(event), reason))
+            out.dead += 1
+            return
+
+
+async def timers_tick(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 100, worker: str = "engine"
+) -> Outcome:
+    """Claim alerts whose ``next_step_at`` has come (SKIP LOCKED) and fire their steps."""
+    out = Outcome()
+    async with conn.transaction():
+        tx = PgAlertTransaction(conn, worker)
+        claimed = await tx.claim_due(now, limit)
+        if not claimed:
+            return out
+        directory = Directory(conn, await load_policy_book(conn))
+        await _settle_and_persist(tx, directory, (), now, out, claimed)
+    return out
+
+
+async def command(
+    conn: psycopg.AsyncConnection[Any],
+    alert_id: uuid.UUID,
+    make: Callable[[Alert], Command],
+    now: datetime,
+    worker: str = "console",
+) -> Outcome:
+    """A person's command on an alert (acknowledge, on scene, resolve): ``make(alert)``
+    gives the ``Command``; it is applied, settled (downlink, new timers) and committed."""
+    out = Outcome()
+    async with conn.transaction():
+        tx = PgAlertTransaction(conn, worker)
+        alert = await tx.lock_alert(alert_id)
+        if alert is None:
+            raise LookupError(f"no alert {alert_id}")
+        directory = Directory(conn, await load_policy_book(conn))
+        change = transition(alert, make(alert), now)
+        await _settle_and_persist(tx, directory, [change], now, out)
+    return out

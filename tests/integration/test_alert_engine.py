@@ -1,0 +1,259 @@
+"""The alert engine over real PostgreSQL: intake exactly once, dedup, escalation with a
+controlled clock, and two workers that never fire a step twice (forced interleavings)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from alerting.lifecycle import acknowledge
+from alerting.model import Channel, staff_actor
+from alerting.ports import ManualClock
+from gateway.alerts.district import District, import_district
+from gateway.alerts.unit_of_work import command, intake_batch, timers_tick
+
+T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai: waking hours
+
+DISTRICT: dict[str, Any] = {
+    "organisations": [
+        {"id": "bureau", "kind": "bureau", "name": "区民政局",
+         "webhook_url": "http://127.0.0.1:9/bureau"},
+        {"id": "street-1", "parent": "bureau", "kind": "street", "name": "街道中心"},
+        {"id": "station-1", "parent": "street-1", "kind": "station", "name": "社区站"},
+    ],
+    "sites": [
+        {"id": "site-a", "organisation": "station-1", "name": "家 A"},
+        {"id": "site-b", "organisation": "station-1", "name": "家 B"},
+    ],
+    "residents": [
+        {"id": "r-a", "site": "site-a", "name": "王奶奶", "lives_alone": True,
+         "family": [{"name": "王小明", "phone": "+8613800000001"}]},
+    ],
+    "devices": [{"site": "site-a", "id": "wb-1", "profile": "es-wb1", "address": "aa",
+                 "resident": "r-a"}],
+    "staff": [
+        {"id": "duty-1", "organisation": "station-1", "name": "李", "role": "duty",
+         "phone": "+8613900000001", "apprise_url": "json://127.0.0.1:9/duty-1"},
+        {"id": "duty-off", "organisation": "station-1", "name": "赵", "role": "duty"},
+        {"id": "sup-1", "organisation": "station-1", "name": "张", "role": "supervisor"},
+        {"id": "street-a", "organisation": "street-1", "name": "陈", "role": "street"},
+    ],
+    "shifts": [
+        {"staff": "duty-1", "starts_at": (T0 - timedelta(hours=1)).isoformat(),
+         "ends_at": (T0 + timedelta(hours=12)).isoformat()},
+        {"staff": "duty-off", "starts_at": (T0 + timedelta(hours=12)).isoformat(),
+         "ends_at": (T0 + timedelta(hours=24)).isoformat()},
+    ],
+}  # fmt: skip
+
+# As ingest writes an event (gateway/ingest/store.py): the ledger makes the id unique.
+INGEST_EVENT = """
+WITH fresh AS (
+    INSERT INTO event_ledger (event_id, time) VALUES (%s, %s)
+    ON CONFLICT (event_id) DO NOTHING RETURNING event_id
+)
+INSERT INTO device_events (event_id, time, site_id, device_id, type, phase, profile, data)
+SELECT event_id, %s, %s, %s, %s, %s, %s, %s::jsonb FROM fresh
+"""
+
+
+def ingest(
+    dsn: str,
+    site: str,
+    device: str,
+    kind: str,
+    phase: str = "pulse",
+    at: datetime = T0,
+    event_id: uuid.UUID | None = None,
+) -> uuid.UUID:
+    event_id = event_id or uuid.uuid4()
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            INGEST_EVENT, (event_id, at, at, site, device, kind, phase, "es-wb1", json.dumps({}))
+        )
+    return event_id
+
+
+def rows(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def district(database: str) -> str:
+    import_district(database, District.model_validate(DISTRICT))
+    return database
+
+
+async def connect(dsn: str) -> psycopg.AsyncConnection[Any]:
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+
+async def drain(dsn: str, now: datetime) -> int:
+    async with await connect(dsn) as conn:
+        total = 0
+        while (out := await intake_batch(conn, now)).events:
+            total += out.events
+        return total
+
+
+async def test_event_becomes_exactly_one_alert_and_redelivery_adds_nothing(district: str) -> None:
+    dsn = district
+    e1 = ingest(dsn, "site-a", "wb-1", "sos")
+    assert rows(dsn, "SELECT event_id FROM engine_inbox") == [(e1,)], "trigger wrote the inbox"
+    assert await drain(dsn, T0) == 1
+    alerts = rows(dsn, "SELECT type, status, count, first_event_id FROM alerts")
+    assert alerts == [("sos", "open", 1, e1)]
+    # Redelivered through ingest: the ledger stops it before device_events.
+    ingest(dsn, "site-a", "wb-1", "sos", event_id=e1)
+    # Written again behind the ledger's back (another time): the engine itself refuses it.
+    ingest_again = "INSERT INTO device_events (event_id, time, site_id, device_id, type, phase,"
+    ingest_again += " profile) VALUES (%s, %s, 'site-a', 'wb-1', 'sos', 'pulse', 'es-wb1')"
+    with psycopg.connect(dsn) as conn:
+        conn.execute(ingest_again, (e1, T0 + timedelta(seconds=1)))
+    assert await drain(dsn, T0) == 1
+    assert rows(dsn, "SELECT count(*), max(count) FROM alerts") == [(1, 1)]
+    assert rows(dsn, "SELECT count(*) FROM engine_inbox") == [(0,)]
+    # The first rung went out at once, and the button was told "alarm received".
+    assert rows(dsn, "SELECT step_id FROM alert_steps") != []
+    assert rows(dsn, "SELECT action FROM downlink_outbox") == [("alarm_received",)]
+
+
+async def test_one_press_two_receivers_and_repeats_is_one_alert(district: str) -> None:
+    dsn = district
+    press = uuid.uuid4()
+    ingest(dsn, "site-a", "wb-1", "sos", event_id=press)  # receiver 1
+    ingest(dsn, "site-a", "wb-1", "sos", event_id=press)  # receiver 2: same event id
+    for i in range(3):  # the button repeats its press with new ids
+        ingest(dsn, "site-a", "wb-1", "sos", at=T0 + timedelta(seconds=i + 1))
+    assert await drain(dsn, T0 + timedelta(seconds=5)) == 4
+    assert rows(dsn, "SELECT type, count FROM alerts") == [("sos", 4)]
+
+
+async def test_two_smoke_detectors_one_incident_and_site_offline_one_alert(district: str) -> None:
+    dsn = district
+    ingest(dsn, "site-a", "smoke-1", "smoke", "raise")
+    ingest(dsn, "site-a", "smoke-2", "smoke", "raise", at=T0 + timedelta(seconds=2))
+    for i in range(20):
+        ingest(dsn, "site-b", f"dev-{i}", "device_offline", "raise")
+    assert await drain(dsn, T0 + timedelta(seconds=3)) == 22
+    got = rows(dsn, "SELECT type, site_id, device_id, cardinality(sources) FROM alerts ORDER BY 1")
+    assert got == [("device_offline", "site-b", None, 20), ("smoke", "site-a", None, 2)]
+    # Smoke informs the bureau at once.
+    assert ("bureau:bureau", "webhook") in rows(
+        dsn, "SELECT person_id, channel FROM notifications n JOIN alerts a ON a.id = n.alert_id"
+        " WHERE a.type = 'smoke' AND n.level = 0"
+    )
+
+
+def steps(dsn: str) -> list[tuple[str, int]]:
+    return rows(dsn, "SELECT kind, level FROM alert_steps ORDER BY due_at, kind, level")
+
+
+def notices(dsn: str) -> list[tuple[int, str, str]]:
+    return rows(dsn, "SELECT level, person_id, channel FROM notifications ORDER BY id")
+
+
+async def test_unacknowledged_sos_climbs_the_ladder_each_step_once(district: str) -> None:
+    dsn = district
+    clock = ManualClock(T0)
+    ingest(dsn, "site-a", "wb-1", "sos")
+    await drain(dsn, clock.now())
+    assert steps(dsn) == [("level", 0)]
+    assert notices(dsn) == [(0, "staff:duty-1", "console")], "on-duty staff only, at once"
+    async with await connect(dsn) as conn:
+        for second in (1, 30, 59, 60, 60, 61, 120, 179, 180, 181, 299, 300, 300, 301):
+            clock.set(T0 + timedelta(seconds=second))
+            await timers_tick(conn, clock.now())
+            await timers_tick(conn, clock.now())  # a second pass at one instant adds nothing
+            want = [("level", n) for n, at in enumerate((0, 60, 180, 300)) if at <= second]
+            assert steps(dsn) == want, f"at {second} s"
+    assert notices(dsn) == [
+        (0, "staff:duty-1", "console"),
+        (1, "staff:sup-1", "console"),
+        (1, "family:1:王小明", "voice"),
+        (2, "staff:street-a", "console"),
+        (3, "bureau:bureau", "webhook"),
+    ]
+    assert rows(dsn, "SELECT level, next_step_at FROM alerts") == [
+        (3, T0 + timedelta(minutes=15))  # the top rung repeats every 10 min until acknowledged
+    ]
+
+
+async def test_acknowledged_at_90_s_stops_at_level_1_and_tells_the_wristband(
+    district: str,
+) -> None:
+    dsn = district
+    clock = ManualClock(T0)
+    ingest(dsn, "site-a", "wb-1", "sos")
+    await drain(dsn, clock.now())
+    (alert_id,) = rows(dsn, "SELECT id FROM alerts")[0]
+    async with await connect(dsn) as conn:
+        clock.set(T0 + timedelta(seconds=60))
+        await timers_tick(conn, clock.now())
+        clock.set(T0 + timedelta(seconds=90))
+        await command(
+            conn, alert_id, lambda a: acknowledge(staff_actor("duty-1"), Channel.CONSOLE),
+            clock.now(),
+        )  # fmt: skip
+        for second in (180, 300, 600):
+            clock.set(T0 + timedelta(seconds=second))
+            await timers_tick(conn, clock.now())
+    assert steps(dsn) == [("level", 0), ("level", 1)]
+    assert rows(dsn, "SELECT status, level FROM alerts") == [("acknowledged", 1)]
+    downlinks = "SELECT site_id, device_id, action FROM downlink_outbox ORDER BY created_at"
+    assert rows(dsn, downlinks) == [
+        ("site-a", "wb-1", "alarm_received"),
+        ("site-a", "wb-1", "acknowledge"),
+    ]
+    # The next wake-up is the 10-minute reminder, not a rung.
+    assert rows(dsn, "SELECT next_step_at FROM alerts") == [(T0 + timedelta(seconds=690),)]
+
+
+async def test_two_workers_never_fire_a_step_twice(district: str) -> None:
+    """Force the interleavings: a row lock held by the test, then both workers at once."""
+    dsn = district
+    ingest(dsn, "site-a", "wb-1", "sos")
+    async with await connect(dsn) as a, await connect(dsn) as b, await connect(dsn) as hold:
+        # Inbox: the test holds the row; a worker skips it rather than waiting or taking it.
+        async with hold.transaction():
+            await hold.execute("SELECT * FROM engine_inbox FOR UPDATE")
+            assert (await intake_batch(b, T0, worker="b")).events == 0
+        done = await asyncio.gather(
+            intake_batch(a, T0, worker="a"), intake_batch(b, T0, worker="b")
+        )
+        assert sum(o.events for o in done) == 1
+        assert rows(dsn, "SELECT count(*) FROM alerts") == [(1,)]
+        # Timers: the test holds the alert; a worker at 60 s skips it and fires nothing.
+        at = T0 + timedelta(seconds=60)
+        async with hold.transaction():
+            await hold.execute("SELECT * FROM alerts FOR UPDATE")
+            assert (await timers_tick(b, at, worker="b")).steps == 0
+        done = await asyncio.gather(timers_tick(a, at, worker="a"), timers_tick(b, at, worker="b"))
+        assert sum(o.steps for o in done) == 1
+        # And when a stale worker's view slips past the lock, the step key refuses it.
+        later = await asyncio.gather(*(timers_tick(c, at) for c in (a, b)))
+        assert sum(o.steps for o in later) == 0
+    assert steps(dsn) == [("level", 0), ("level", 1)]
+    assert rows(dsn, "SELECT count(*), count(DISTINCT key) FROM notifications") == [(3, 3)]
+
+
+async def test_a_poison_event_is_kept_with_its_reason_and_blocks_nothing(district: str) -> None:
+    dsn = district
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO device_events (event_id, time, site_id, device_id, type, phase, profile)"
+            " VALUES (%s, %s, 'site-a', 'wb-1', 'no-such-type', 'pulse', 'x')",
+            (uuid.uuid4(), T0),
+        )
+    ingest(dsn, "site-a", "wb-1", "fall")
+    assert await drain(dsn, T0) == 2
+    assert rows(dsn, "SELECT type FROM alerts") == [("fall",)]
+    (reason,) = rows(dsn, "SELECT reason FROM engine_dead_letters")[0]
+    assert "no-such-type" in reason
