@@ -104,6 +104,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return asyncio.run(run_scenario(load_scenario(args.scenario), broker, Path(args.state_dir)))
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.alerts.audit_verify import verify
+
+    rows, problems = verify(args.database_url or _settings().database_url)
+    for problem in problems:
+        print(problem.message)
+    if problems:
+        print(f"audit log TAMPERED: {len(problems)} chain(s) broken, {rows} rows read")
+        return 1
+    print(f"audit log intact: {rows} rows verified")
+    return 0
+
+
+def cmd_district_import(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from gateway.alerts.district import DistrictFileError, import_district, load
+
+    try:
+        counts = import_district(_settings().database_url, load(Path(args.file)))
+    except (DistrictFileError, psycopg.Error, OSError) as exc:
+        print(f"district import refused, nothing changed: {exc}", file=sys.stderr)
+        return 1
+    print("district imported: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eldersafe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -147,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-env", help="read the password from this environment variable")
     p.add_argument("--state-dir", default=".local/simulate")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("audit", help="alert audit log tools")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check every hash chain; name edited/inserted/deleted rows")
+    p.add_argument("--database-url")
+    p.set_defaults(func=cmd_audit_verify)
+    p = sub.add_parser("district-import", help="load a district (YAML/JSON) idempotently")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_district_import)
     return parser
 
 

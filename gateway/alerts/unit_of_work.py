@@ -3,8 +3,9 @@
 Both run inside one transaction and end in ``persist``: the alert changes
 (rows, chained audit rows, change-log rows), then each fired step's key in
 ``alert_steps`` (a key already there fired before: its transition and notices
-are dropped) and the transitions of the steps that are new, the notices into the notifications outbox, downlink commands
-into the downlink outbox, and each alert's ``next_step_at``.
+are dropped) and the transitions of the steps that are new, the notices into
+the notifications outbox, downlink commands into the downlink outbox, and each
+alert's ``next_step_at``.
 """
 
 from __future__ import annotations

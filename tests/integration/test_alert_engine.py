@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -257,3 +260,45 @@ async def test_a_poison_event_is_kept_with_its_reason_and_blocks_nothing(distric
     assert rows(dsn, "SELECT type FROM alerts") == [("fall",)]
     (reason,) = rows(dsn, "SELECT reason FROM engine_dead_letters")[0]
     assert "no-such-type" in reason
+
+
+def eldersafe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+async def test_audit_verify_names_edited_inserted_and_deleted_rows(district: str) -> None:
+    dsn = district
+    for device in ("wb-1", "wb-2", "wb-3", "wb-4"):
+        ingest(dsn, "site-a", device, "sos")
+    await drain(dsn, T0)
+    async with await connect(dsn) as conn:
+        await timers_tick(conn, T0 + timedelta(seconds=60))  # each chain: opened, level 0, 1
+    ok = eldersafe("audit", "verify", "--database-url", dsn)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "intact: 12 rows" in ok.stdout
+    ids = {d: a for a, d in rows(dsn, "SELECT id, device_id FROM alerts")}
+    with psycopg.connect(dsn) as conn:
+        conn.execute(  # edited: a level changed after the fact
+            "UPDATE alert_audit SET detail = jsonb_set(detail, '{level}', '2') "
+            "WHERE alert_id = %s AND seq = 2", (ids["wb-1"],),
+        )  # fmt: skip
+        conn.execute(  # inserted: a forged acknowledgement between two real rows
+            "INSERT INTO alert_audit (time, alert_id, seq, actor, action, channel, detail, hash)"
+            " SELECT time + interval '1 ms', alert_id, 2, 'staff:duty-1', 'acknowledged',"
+            " 'console', '{}', hash"
+            " FROM alert_audit WHERE alert_id = %s AND seq = 1", (ids["wb-2"],),
+        )  # fmt: skip
+        conn.execute(  # deleted: the newest row
+            "DELETE FROM alert_audit WHERE alert_id = %s AND seq = 3", (ids["wb-3"],)
+        )
+    bad = eldersafe("audit", "verify", "--database-url", dsn)
+    assert bad.returncode == 1, bad.stdout
+    lines = [ln for ln in bad.stdout.splitlines() if ln.endswith(")") or "row:" in ln]
+    named = {ln.split(": ")[1].split(" ")[1]: ln for ln in lines if "row:" in ln}
+    assert named.keys() == {str(ids[d]) for d in ("wb-1", "wb-2", "wb-3")}, bad.stdout
+    assert named[str(ids["wb-1"])].startswith("edited row") and "seq 2" in named[str(ids["wb-1"])]
+    assert named[str(ids["wb-2"])].startswith("inserted row") and "seq 2" in named[str(ids["wb-2"])]
+    assert named[str(ids["wb-3"])].startswith("deleted row") and "seq 3" in named[str(ids["wb-3"])]
