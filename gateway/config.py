@@ -31,9 +31,15 @@ class Settings(BaseSettings):
     telemetry_retention_days: int = 90
     retention_check_interval_s: float = 3600.0
     metrics_port: int | None = None
+    # Alert engine: "database" reads time from table engine_clock (tests drive it;
+    # refused in production); the poll is the fallback to LISTEN/NOTIFY wake-ups.
+    engine_clock: Literal["system", "database"] = "system"
+    engine_poll_s: float = 1.0
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> Settings:
+        if self.environment == "production" and self.engine_clock != "system":
+            raise ValueError("ELDERSAFE_ENGINE_CLOCK=database is for tests only")
         if self.environment == "production" and self.mqtt_password == DEMO_SECRET:
             raise ValueError(
                 "ELDERSAFE_MQTT_PASSWORD is the demo's default; set a real secret "

@@ -31,3 +31,11 @@ INGEST_STORE_ERRORS = Counter(
     "eldersafe_ingest_store_errors_total", "failed batch writes (retried)"
 )
 INGEST_PENDING = Gauge("eldersafe_ingest_pending_messages", "received, not yet durable")
+ENGINE_EVENTS = Counter(
+    "eldersafe_engine_events_total", "device events applied by the alert engine (inbox rows)"
+)
+ENGINE_DEAD = Counter(
+    "eldersafe_engine_dead_letters_total",
+    "events the alert engine could not apply (kept in engine_dead_letters)",
+)
+ENGINE_STEPS = Counter("eldersafe_engine_steps_total", "escalation steps fired")

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import psycopg
 
+from gateway.alerts.workers import EngineWorkers
 from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
@@ -61,6 +62,9 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(consumer.run(), name="mqtt"),
         asyncio.create_task(pipeline.run(), name="ingest"),
         asyncio.create_task(retention_loop(settings), name="retention"),
+        asyncio.create_task(
+            EngineWorkers(settings.database_url, settings.mqtt_username, settings.engine_clock,
+                          settings.engine_poll_s).run(), name="alert-engine"),
     ]
     log.info("server running: mqtt %s:%d", settings.mqtt_host, settings.mqtt_port)
     try:

@@ -1,0 +1,128 @@
+"""The engine's long-running workers inside ``server``: intake and timers.
+
+Any number of server processes run them against one database with no leader:
+inbox rows and due alerts are claimed with ``FOR UPDATE SKIP LOCKED``. Each
+worker holds two connections: one that only ``LISTEN``s (woken at the commit of
+an event by the inbox trigger, or of a new timer), one that works. A periodic
+poll is the fallback when a notification is lost with a connection.
+
+Time: the system clock, or with ``ELDERSAFE_ENGINE_CLOCK=database`` (tests
+only) the row of table ``engine_clock``, read at each pass: a test moves it
+(``UPDATE engine_clock …; NOTIFY engine_timers``) and every server process
+runs the escalation in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import psycopg
+
+from gateway import metrics
+from gateway.alerts.unit_of_work import Outcome, intake_batch, timers_tick
+
+log = logging.getLogger(__name__)
+
+ClockSource = Literal["system", "database"]
+
+
+async def engine_now(conn: psycopg.AsyncConnection[Any], source: ClockSource) -> datetime:
+    if source == "system":
+        return datetime.now(UTC)
+    cur = await conn.execute("SELECT now FROM engine_clock")
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("ELDERSAFE_ENGINE_CLOCK=database but table engine_clock is empty")
+    at: datetime = row[0]
+    return at
+
+
+async def _wait(listen: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    """Until a notification arrives on a channel ``listen`` listens to, or ``seconds`` pass."""
+    async for _ in listen.notifies(timeout=max(seconds, 0.0), stop_after=1):
+        pass
+
+
+def _count(out: Outcome) -> None:
+    metrics.ENGINE_EVENTS.inc(out.events)
+    metrics.ENGINE_DEAD.inc(out.dead)
+    metrics.ENGINE_STEPS.inc(out.steps)
+
+
+class EngineWorkers:
+    def __init__(
+        self,
+        dsn: str,
+        name: str,
+        clock: ClockSource = "system",
+        poll_s: float = 1.0,
+        batch: int = 50,
+    ) -> None:
+        self.dsn = dsn
+        self.name = name
+        self.clock = clock
+        self.poll_s = poll_s
+        self.batch = batch
+
+    async def run(self) -> None:
+        await asyncio.gather(self._forever(self._intake), self._forever(self._timers))
+
+    async def _forever(self, loop: Any) -> None:
+        backoff = 0.2
+        while True:
+            started = time.monotonic()
+            try:
+                await loop()
+            except (psycopg.OperationalError, psycopg.errors.SerializationFailure,
+                    psycopg.errors.DeadlockDetected, OSError) as exc:  # fmt: skip
+                log.warning("alert engine %s: %s; retrying", loop.__name__, exc)
+            except psycopg.Error as exc:
+                log.error("alert engine %s failed: %s; retrying", loop.__name__, exc)
+            if time.monotonic() - started > 10:
+                backoff = 0.2
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _intake(self) -> None:
+        async with (
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as work,
+        ):
+            await listen.execute("LISTEN engine_inbox")
+            while True:
+                now = await engine_now(work, self.clock)
+                out = await intake_batch(work, now, self.batch, self.name)
+                _count(out)
+                if out.events < self.batch:
+                    await _wait(listen, self.poll_s if not out.events else 0)
+
+    async def _timers(self) -> None:
+        async with (
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as work,
+        ):
+            await listen.execute("LISTEN engine_timers")
+            while True:
+                now = await engine_now(work, self.clock)
+                out = await timers_tick(work, now, self.batch, self.name)
+                _count(out)
+                if len(out.alerts) >= self.batch:
+                    continue
+                await _wait(listen, await self._until_next(work, now))
+
+    async def _until_next(self, conn: psycopg.AsyncConnection[Any], now: datetime) -> float:
+        if self.clock != "system":
+            return self.poll_s  # a test's clock: woken by NOTIFY engine_timers or the poll
+        cur = await conn.execute(
+            "SELECT min(next_step_at) FROM alerts WHERE status <> 'resolved'"
+        )
+        row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return self.poll_s
+        due: datetime = row[0]
+        # At least 10 ms: a due alert another server holds locked is not ours to spin on.
+        return min(self.poll_s, max((due - now) / timedelta(seconds=1), 0.01))

@@ -1,0 +1,105 @@
+"""The alert engine inside real ``eldersafe server`` processes: a server killed between an
+event's commit and its alert, and two servers sharing inbox and timers (one SIGSTOPped)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from support import scalar, wait_for
+from test_alert_engine import DISTRICT, T0, ingest, rows
+
+from gateway.alerts.district import District, import_district
+
+
+def set_clock(dsn: str, at: Any) -> None:
+    """Move the servers' engine clock (ELDERSAFE_ENGINE_CLOCK=database) and wake them."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO engine_clock (now) VALUES (%s) ON CONFLICT (id) DO UPDATE SET now = %s",
+            (at, at),
+        )
+        conn.execute("NOTIFY engine_timers")
+
+
+def test_server_killed_between_commit_and_alert_raises_it_after_restart(
+    database: str, broker: Any, make_server: Any
+) -> None:
+    import_district(database, District.model_validate(DISTRICT))
+    set_clock(database, T0)
+    env = {"ELDERSAFE_ENGINE_CLOCK": "database", "ELDERSAFE_ENGINE_POLL_S": "0.05"}
+    server = make_server(database, broker.port, **env)
+    server.start()
+    server.wait_session()
+    ingest(database, "site-a", "wb-1", "fall")  # proves the engine runs in the server
+    wait_for(lambda: scalar(database, "SELECT count(*) FROM alerts") == 1, 10, "first alert")
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)  # cannot claim: the event is committed, no alert
+    event = ingest(database, "site-a", "wb-1", "sos")
+    assert rows(database, "SELECT event_id FROM engine_inbox") == [(event,)]
+    server.kill()  # SIGKILL of the stopped process
+    assert scalar(database, "SELECT count(*) FROM alerts WHERE type = 'sos'") == 0
+    server.start()
+    wait_for(
+        lambda: scalar(database, "SELECT count(*) FROM alerts WHERE type = 'sos'") == 1,
+        15,
+        f"the sos alert after restart; log:\n{server.log_tail()}",
+    )
+    assert scalar(database, "SELECT count(*) FROM engine_inbox") == 0
+
+
+def test_two_servers_share_inbox_and_timers_each_step_once(
+    database: str, broker: Any, make_server: Any
+) -> None:
+    import_district(database, District.model_validate(DISTRICT))
+    set_clock(database, T0)
+    env = {"ELDERSAFE_ENGINE_CLOCK": "database", "ELDERSAFE_ENGINE_POLL_S": "0.05"}
+    a = make_server(database, broker.port, **env)
+    b = make_server(database, broker.port, username="server-2", **env)
+    for s in (a, b):
+        s.start()
+    for s in (a, b):
+        s.wait_session()
+    devices = [f"wb-{i}" for i in range(20)]
+    for d in devices:
+        ingest(database, "site-a", d, "sos")
+    wait_for(lambda: scalar(database, "SELECT count(*) FROM alerts") == 20, 15, "20 alerts")
+    # Server a stops dead in the middle (SIGSTOP: whatever it holds stays locked; b skips
+    # it and carries on with the rest); it resumes before the last rung.
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        for second in (60, 180):
+            set_clock(database, T0 + timedelta(seconds=second))
+            want = 20 * (2 if second == 60 else 3)
+            wait_for(
+                lambda want=want: scalar(database, "SELECT count(*) FROM alert_steps") >= want,
+                15,
+                f"steps at {second} s",
+            )
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    set_clock(database, T0 + timedelta(seconds=300))
+    wait_for(lambda: scalar(database, "SELECT count(*) FROM alert_steps") >= 80, 15, "level 3")
+    set_clock(database, T0 + timedelta(seconds=301))  # one more pass for anything doubled
+    set_clock(database, T0 + timedelta(seconds=302))
+    wait_for(
+        lambda: scalar(database, "SELECT count(*) FROM alerts WHERE level = 3") == 20, 10, "level"
+    )
+    per_alert = rows(
+        database,
+        "SELECT a.device_id, array_agg(s.level ORDER BY s.level) FROM alerts a"
+        " JOIN alert_steps s ON s.alert_id = a.id GROUP BY 1",
+    )
+    assert sorted(per_alert) == sorted((d, [0, 1, 2, 3]) for d in devices)
+    # Each step's notices once (the outbox key is unique, so count the audit entries too).
+    escalated = rows(
+        database,
+        "SELECT detail->>'step', count(*) FROM alert_audit WHERE action = 'escalated'"
+        " GROUP BY 1 HAVING count(*) > 1",
+    )
+    assert escalated == []
+    assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'escalated'") == 80
+    assert scalar(database, "SELECT count(DISTINCT fired_by) FROM alert_steps") >= 1
