@@ -44,8 +44,13 @@ INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action, c
 VALUES (%s, %s, %s, %s, %s, %s)
 ON CONFLICT (command_id) DO NOTHING
 """
-_CLAIM_INBOX = """
+# Events of one site are applied in order by one worker at a time: a worker takes
+# the site's advisory lock with its rows, so another never applies a later event
+# (a smoke "clear") before an earlier one of that site (its "raise") is committed.
+SITE_LOCK_SPACE = 0x656E67  # "eng": the first key of pg_advisory locks on sites
+_CLAIM_INBOX = f"""
 SELECT id, event_id, time, site_id, device_id, type, phase, profile, data FROM engine_inbox
+WHERE pg_try_advisory_xact_lock({SITE_LOCK_SPACE}, hashtext(site_id))
 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
 """
 _DEAD = """

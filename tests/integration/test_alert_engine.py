@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import uuid
@@ -14,12 +15,13 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from alerting.lifecycle import acknowledge
 from alerting.model import Channel, staff_actor
 from alerting.ports import ManualClock
 from gateway.alerts.district import District, import_district
-from gateway.alerts.unit_of_work import command, intake_batch, timers_tick
+from gateway.alerts.unit_of_work import SITE_LOCK_SPACE, command, intake_batch, timers_tick
 
 T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai: waking hours
 
@@ -302,3 +304,74 @@ async def test_audit_verify_names_edited_inserted_and_deleted_rows(district: str
     assert named[str(ids["wb-1"])].startswith("edited row") and "seq 2" in named[str(ids["wb-1"])]
     assert named[str(ids["wb-2"])].startswith("inserted row") and "seq 2" in named[str(ids["wb-2"])]
     assert named[str(ids["wb-3"])].startswith("deleted row") and "seq 3" in named[str(ids["wb-3"])]
+
+
+async def test_a_sites_events_are_applied_in_order_by_one_worker_at_a_time(
+    district: str,
+) -> None:
+    """A worker holding site-a's rows (its site lock) keeps another off site-a's later rows,
+    so a smoke clear is never applied before the raise it follows."""
+    dsn = district
+    ingest(dsn, "site-a", "smoke-1", "smoke", "raise")
+    async with await connect(dsn) as a, await connect(dsn) as b, a.transaction():
+        # worker a: mid-batch, holds site-a's raise
+        cur = await a.execute(
+            "SELECT id FROM engine_inbox WHERE pg_try_advisory_xact_lock(%s, hashtext(site_id))"
+            " FOR UPDATE SKIP LOCKED", (SITE_LOCK_SPACE,),
+        )  # fmt: skip
+        assert len(await cur.fetchall()) == 1
+        ingest(dsn, "site-a", "smoke-1", "smoke", "clear", at=T0 + timedelta(seconds=1))
+        ingest(dsn, "site-b", "smoke-9", "smoke", "raise")
+        out = await intake_batch(b, T0, worker="b")
+        assert out.events == 1, "b takes site-b only, not site-a's clear"
+        assert rows(dsn, "SELECT site_id FROM alerts") == [("site-b",)]
+    assert await drain(dsn, T0 + timedelta(seconds=2)) == 2
+    assert rows(dsn, "SELECT site_id, status, condition_cleared_at IS NOT NULL FROM alerts"
+                " ORDER BY 1") == [("site-a", "open", True), ("site-b", "open", False)]
+
+
+async def test_acknowledged_fall_reminds_at_10_min_and_escalates_at_15_min(district: str) -> None:
+    """The 15-minute service circle: acknowledged, nobody on scene."""
+    dsn = district
+    ingest(dsn, "site-a", "wb-1", "fall")
+    await drain(dsn, T0)
+    (alert_id,) = rows(dsn, "SELECT id FROM alerts")[0]
+    async with await connect(dsn) as conn:
+        await command(
+            conn, alert_id, lambda a: acknowledge(staff_actor("duty-1"), Channel.CONSOLE),
+            T0 + timedelta(seconds=30),
+        )  # fmt: skip
+        for minute in (5, 10.5, 10.5, 14, 15.5, 15.5):
+            await timers_tick(conn, T0 + timedelta(seconds=30 + minute * 60))
+    assert steps(dsn) == [("level", 0), ("reminder", 0), ("service_circle", 1)]
+    got = rows(dsn, "SELECT s.kind, n.person_id FROM notifications n"
+               " JOIN alert_steps s USING (step_id) WHERE s.kind <> 'level' ORDER BY n.id")
+    assert got == [
+        ("reminder", "staff:duty-1"),  # whoever acknowledged
+        ("service_circle", "staff:sup-1"),
+        ("service_circle", "family:1:王小明"),
+    ]
+
+
+def test_district_import_is_idempotent_and_all_or_nothing(
+    database: str, tmp_path: pathlib.Path
+) -> None:
+    env = {"ELDERSAFE_DATABASE_URL": database, "ELDERSAFE_ENVIRONMENT": "test"}
+    path = tmp_path / "district.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(DISTRICT)), allow_unicode=True))
+    tables = ("organisations", "sites", "residents", "family_contacts", "devices", "staff",
+              "shifts")  # fmt: skip
+    counts = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t})" for t in tables)
+    first = eldersafe("district-import", str(path), env=env)
+    assert first.returncode == 0, first.stderr
+    once = rows(database, counts)
+    assert once == [(3, 2, 1, 1, 1, 4, 2)]
+    again = eldersafe("district-import", str(path), env=env)
+    assert again.returncode == 0, again.stderr
+    assert rows(database, counts) == once
+    broken = dict(DISTRICT, staff=[*DISTRICT["staff"], {"id": "x", "organisation": "nowhere",
+                                                         "name": "x", "role": "duty"}])
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(broken)), allow_unicode=True))
+    refused = eldersafe("district-import", str(path), env=env)
+    assert refused.returncode == 1 and "nowhere" in refused.stderr, refused.stderr
+    assert rows(database, counts) == once
