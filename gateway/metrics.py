@@ -31,6 +31,12 @@ INGEST_STORE_ERRORS = Counter(
     "eldersafe_ingest_store_errors_total", "failed batch writes (retried)"
 )
 INGEST_PENDING = Gauge("eldersafe_ingest_pending_messages", "received, not yet durable")
+EDGE_COMMANDS = Counter(
+    "eldersafe_edge_commands_total",
+    "downlink commands answered by the edge, by outcome: executed, refused, unreachable;"
+    " duplicate (an id seen before, its result published again); invalid (no id to answer)",
+    ["outcome"],
+)
 ENGINE_EVENTS = Counter(
     "eldersafe_engine_events_total", "device events applied by the alert engine (inbox rows)"
 )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +105,45 @@ class RunningSimulation:
     site: SimulatedSite
     edge: asyncio.subprocess.Process
     config_path: Path
+    health_path: Path
 
     async def play(self, speed: float = 1.0) -> None:
         await self.site.play(speed=speed)
+
+    def health(self) -> dict[str, Any]:
+        """The edge's ``health.json`` (empty until it writes one)."""
+        try:
+            return dict(json.loads(self.health_path.read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def ready(self) -> bool:
+        """The edge is connected, subscribed to commands, and has heard every driver."""
+        h = self.health()
+        drivers = h.get("drivers") or {}
+        return (
+            h.get("pid") == self.edge.pid
+            and h.get("connected") is True
+            and (h.get("mqtt") or {}).get("subscribed") is True
+            and len(drivers) > 0
+            and all(d.get("observations", 0) > 0 for d in drivers.values())
+        )
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until ``ready``; receivers are asked for a status frame meanwhile.
+
+        Frames a receiver sends before the edge has its port open are lost (as
+        on a real UART), so a scenario must not start before this.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.edge.returncode is not None:
+                raise RuntimeError(f"the edge exited with {self.edge.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"edge not ready after {timeout_s} s: {self.health()}")
+            for receiver in self.site.receivers.values():
+                await receiver.send_status()
+            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager
@@ -134,7 +172,7 @@ async def simulation(
             stderr=out,
             env=dict(os.environ),
         )
-        yield RunningSimulation(site, edge, config_path)
+        yield RunningSimulation(site, edge, config_path, state_dir / "edge" / "health.json")
     finally:
         if edge is not None and edge.returncode is None:
             edge.send_signal(signal.SIGTERM)
@@ -149,10 +187,10 @@ async def simulation(
 
 
 async def run_scenario(
-    scenario: Scenario, broker: BrokerLogin, state_dir: Path, *, settle_s: float = 3.0
+    scenario: Scenario, broker: BrokerLogin, state_dir: Path, *, ready_timeout_s: float = 30.0
 ) -> int:
     async with simulation(scenario, broker, state_dir) as sim:
-        await asyncio.sleep(settle_s)  # the edge connects to its transports and the broker
+        await sim.wait_ready(ready_timeout_s)  # the edge has its transports and the broker
         print(f"simulate: {scenario.title} (site {scenario.site})")
         await sim.play()
         remaining = scenario.duration_s - max((s.at for s in scenario.steps), default=0)

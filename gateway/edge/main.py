@@ -15,20 +15,34 @@ import contextlib
 import logging
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from gateway.contract.topics import site_filter
+from gateway.contract.topics import DeviceTopic, TopicError, parse_topic, site_filter
 from gateway.edge import drivers as driver_factory
 from gateway.edge import metrics as edge_metrics
 from gateway.edge.commands import CommandRouter
-from gateway.edge.config import EdgeConfig, load_config
+from gateway.edge.config import EdgeConfig, load_config, profile_of
 from gateway.edge.outbox import AsyncOutbox, Outbox
 from gateway.edge.pipeline import EdgePipeline
 from gateway.edge.supervisor import Backoff, Supervisor
 from gateway.mqtt.client import MqttClient, MqttSettings, Will
 
 log = logging.getLogger(__name__)
+
+
+def device_profiles(config: EdgeConfig) -> dict[str, str]:
+    """Device id → profile name: what the command router may ask of each device."""
+    return {dev.id: profile_of(drv, dev) for drv in config.drivers for dev in drv.devices}
+
+
+def _channel(topic: str) -> str:
+    try:
+        parsed = parse_topic(topic)
+    except TopicError:
+        return "other"
+    return parsed.channel.value if isinstance(parsed, DeviceTopic) else "gateway"
 
 
 async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) -> None:
@@ -81,17 +95,42 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
         on_down_too_long=pipeline.report_driver_down,
     )
     pipeline.driver_states = supervisor.states
-    router = CommandRouter(config.site, routes, supervisor.drivers, outbox)
+    router = CommandRouter(
+        config.site,
+        routes,
+        supervisor.drivers,
+        outbox,
+        profiles=device_profiles(config),
+        on_result=pipeline.wake_pump,  # results leave through the outbox
+    )
     started = time.time()
     failure: BaseException | None = None
     edge_metrics.serve(config.metrics, pipeline, supervisor)  # /metrics if configured
+
+    def inflight_by_channel() -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for topic, n in client.outstanding_topics().items():
+            counts[_channel(topic)] += n
+        return dict(counts)
 
     def health_extra() -> dict[str, Any]:
         assert supervisor is not None
         now = time.monotonic()
         return {
             "started": started,
-            "commands": dict(router.outcomes),
+            "commands": {**router.outcomes, "in_progress": router.in_progress},
+            "mqtt": {
+                "subscribed": client.subscribed.is_set(),
+                "published": client.published,
+                # handed to the connection, no PUBACK yet, by channel (event, status, …)
+                "inflight": inflight_by_channel(),
+                "received": client.messages_received,
+                "acked": client.messages_acked,
+                "unacknowledged": client.unacknowledged,
+                "max_unacknowledged": client.max_unacknowledged,
+                "dropped_qos0": client.messages_dropped,
+                "receive_maximum_exceeded": client.receive_maximum_exceeded,
+            },
             "drivers": {
                 s.name: {
                     "state": s.state.value,

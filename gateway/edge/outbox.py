@@ -13,8 +13,16 @@ whether it is an event at all:
 
 Events leave in insertion order (``seq``) and are deleted only after the
 broker's PUBACK (``ack``); an event the broker refuses for good moves to
-``dead_letter`` with the reason. Commands executed are recorded by id so a
-redelivered command is not carried out twice.
+``dead_letter`` with the reason.
+
+Downlink commands have a ledger of their own, keyed by command id. A command
+is *taken* (``take_command``, state ``received``) before its PUBLISH is
+acknowledged to the broker, so one that was acknowledged is never lost; it is
+*answered* (``answer_command``) in one transaction with its result joining the
+outbox queue, so the result reaches MQTT as durably as an event. A command id
+seen again re-queues the recorded result instead of being carried out twice;
+commands taken but not answered when the edge died are carried out on the
+next start (``unanswered_commands``).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ EventBuilder = Callable[[uuid.UUID, str], tuple[str, bytes]]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id   TEXT NOT NULL UNIQUE,
+    event_id   TEXT NOT NULL UNIQUE,  -- an event's id, or a fresh one for a command result
     topic      TEXT NOT NULL,
     payload    BLOB NOT NULL,
     created_at REAL NOT NULL
@@ -69,10 +77,15 @@ CREATE TABLE IF NOT EXISTS commands (
     command_id TEXT PRIMARY KEY,
     device     TEXT NOT NULL,
     action     TEXT NOT NULL,
-    outcome    TEXT NOT NULL,
-    at         REAL NOT NULL
+    outcome    TEXT NOT NULL,  -- 'received' until answered, then the result's outcome
+    at         REAL NOT NULL,
+    command    BLOB,           -- the command's payload as taken (carried out after a restart)
+    result_topic TEXT,
+    result     BLOB            -- the answer, queued again for a redelivered command id
 );
 """
+
+RECEIVED = "received"  # a command taken, not yet answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,18 @@ class Accepted:
     repeat_of: uuid.UUID | None = None  # for a deduplicated pulse: the original event
 
 
+@dataclass(frozen=True, slots=True)
+class TakenCommand:
+    """What the ledger knew of a command id when it was taken."""
+
+    command_id: uuid.UUID
+    device: str
+    command: bytes  # the payload as first taken
+    outcome: str  # RECEIVED (not answered yet) or the recorded result's outcome
+    new: bool  # first time this id was seen
+    requeued: bool = False  # answered before: the recorded result was queued again
+
+
 class Outbox:
     """Synchronous core (one connection, one thread); see ``AsyncOutbox`` for the edge."""
 
@@ -103,6 +128,10 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(commands)")}
+        for column, type_ in (("command", "BLOB"), ("result_topic", "TEXT"), ("result", "BLOB")):
+            if column not in columns:  # a ledger written before command results existed
+                self._db.execute(f"ALTER TABLE commands ADD COLUMN {column} {type_}")
 
     def close(self) -> None:
         self._db.close()
@@ -250,21 +279,95 @@ class Outbox:
 
     # -- commands ----------------------------------------------------------------------
 
-    def command_done(self, command_id: uuid.UUID) -> str | None:
+    def take_command(
+        self, command_id: uuid.UUID, device: str, action: str, command: bytes
+    ) -> TakenCommand:
+        """Record a command as received (durable before its PUBACK), or say what is known.
+
+        For an id answered before, the recorded result joins the outbox queue
+        again (same transaction), so a redelivery is answered, not executed.
+        """
+        db = self._tx()
+        try:
+            row = db.execute(
+                "SELECT device, outcome, command, result_topic, result FROM commands "
+                "WHERE command_id = ?",
+                (str(command_id),),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO commands (command_id, device, action, outcome, at, command) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (str(command_id), device, action, RECEIVED, self._clock(), command),
+                )
+                self._commit()
+                return TakenCommand(command_id, device, command, RECEIVED, new=True)
+            known_device, outcome, known_command, result_topic, result = row
+            requeued = outcome != RECEIVED and result_topic is not None and result is not None
+            if requeued:
+                self._enqueue(db, uuid.uuid4(), (result_topic, bytes(result)))
+            self._commit()
+            return TakenCommand(
+                command_id,
+                known_device,
+                bytes(known_command or b""),
+                outcome,
+                new=False,
+                requeued=requeued,
+            )
+        except BaseException:
+            self._rollback()
+            raise
+
+    def answer_command(
+        self, command_id: uuid.UUID, outcome: str, result_topic: str, result: bytes
+    ) -> None:
+        """Record a command's answer and queue the result message, in one transaction."""
+        db = self._tx()
+        try:
+            updated = db.execute(
+                "UPDATE commands SET outcome = ?, result_topic = ?, result = ?, at = ? "
+                "WHERE command_id = ?",
+                (outcome, result_topic, result, self._clock(), str(command_id)),
+            ).rowcount
+            if updated != 1:
+                raise KeyError(f"command {command_id} was never taken")
+            self._enqueue(db, uuid.uuid4(), (result_topic, result))
+            self._commit()
+        except BaseException:
+            self._rollback()
+            raise
+
+    def command_outcome(self, command_id: uuid.UUID) -> str | None:
         row = self._db.execute(
             "SELECT outcome FROM commands WHERE command_id = ?", (str(command_id),)
         ).fetchone()
         return None if row is None else str(row[0])
 
-    def record_command(self, command_id: uuid.UUID, device: str, action: str, outcome: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO commands (command_id, device, action, outcome, at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (str(command_id), device, action, outcome, self._clock()),
-        )
+    def unanswered_commands(self) -> list[TakenCommand]:
+        """Commands taken (their PUBLISH acknowledged) but not answered: carry them out."""
+        rows = self._db.execute(
+            "SELECT command_id, device, command FROM commands WHERE outcome = ? ORDER BY at",
+            (RECEIVED,),
+        ).fetchall()
+        return [
+            TakenCommand(uuid.UUID(r[0]), r[1], bytes(r[2] or b""), RECEIVED, new=False)
+            for r in rows
+        ]
 
-    def purge_commands(self, older_than_s: float = 7 * 24 * 3600) -> None:
-        self._db.execute("DELETE FROM commands WHERE at < ?", (self._clock() - older_than_s,))
+    def purge_commands(self, older_than_s: float = 7 * 24 * 3600) -> int:
+        """Forget answered commands older than ``older_than_s`` (a redelivery comes sooner)."""
+        db = self._tx()
+        try:
+            n = db.execute(
+                "DELETE FROM commands WHERE outcome != ? AND at < ?",
+                (RECEIVED, self._clock() - older_than_s),
+            ).rowcount
+            self._commit()
+            return int(n)
+        except BaseException:
+            self._rollback()
+            raise
 
 
 class AsyncOutbox:
@@ -309,13 +412,26 @@ class AsyncOutbox:
     async def purge_expired(self) -> int:
         return await self._run(self.sync.purge_expired)
 
-    async def command_done(self, command_id: uuid.UUID) -> str | None:
-        return await self._run(partial(self.sync.command_done, command_id))
+    async def take_command(
+        self, command_id: uuid.UUID, device: str, action: str, command: bytes
+    ) -> TakenCommand:
+        return await self._run(partial(self.sync.take_command, command_id, device, action, command))
 
-    async def record_command(
-        self, command_id: uuid.UUID, device: str, action: str, outcome: str
+    async def answer_command(
+        self, command_id: uuid.UUID, outcome: str, result_topic: str, result: bytes
     ) -> None:
-        await self._run(partial(self.sync.record_command, command_id, device, action, outcome))
+        await self._run(
+            partial(self.sync.answer_command, command_id, outcome, result_topic, result)
+        )
+
+    async def command_outcome(self, command_id: uuid.UUID) -> str | None:
+        return await self._run(partial(self.sync.command_outcome, command_id))
+
+    async def unanswered_commands(self) -> list[TakenCommand]:
+        return await self._run(self.sync.unanswered_commands)
+
+    async def purge_commands(self, older_than_s: float = 7 * 24 * 3600) -> int:
+        return await self._run(partial(self.sync.purge_commands, older_than_s))
 
     async def close(self) -> None:
         await self._run(self.sync.close)

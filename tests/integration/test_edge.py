@@ -91,16 +91,17 @@ class EdgeProcess:
 class SessionCollector:
     """A ``server`` subscriber with a persistent session that survives a broker restart."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, account: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
+        self.subscriptions = 0  # SUBACKs so far (one per connection)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"test-collector-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
-        self.client.username_pw_set("server", SERVER_PASSWORD)
+        self.client.username_pw_set(*(account or ("server", SERVER_PASSWORD)))
         self.client.reconnect_delay_set(1, 1)
         self.topic = topic
 
@@ -111,8 +112,12 @@ class SessionCollector:
             with self._lock:
                 self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
 
+        def on_subscribe(*_: Any) -> None:
+            self.subscriptions += 1
+            self.subscribed.set()
+
         self.client.on_connect = on_connect
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 600
@@ -127,12 +132,22 @@ class SessionCollector:
     def events(self) -> list[tuple[str, dict[str, Any]]]:
         return [(t, json.loads(p)) for t, p, _ in self.snapshot() if t.endswith("/event")]
 
+    def results(self, command_id: uuid.UUID | str) -> list[tuple[str, dict[str, Any]]]:
+        """Command results for ``command_id``: (device, payload)."""
+        return [
+            (t.split("/")[3], json.loads(p))
+            for t, p, _ in self.snapshot()
+            if t.endswith("/command/result") and json.loads(p)["command_id"] == str(command_id)
+        ]
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
 
 
-def write_config(tmp_path: Path, broker_port: int, serial_port: str) -> Path:
+def write_config(
+    tmp_path: Path, broker_port: int, serial_port: str, *, keepalive_s: int = 5
+) -> Path:
     devices: list[dict[str, Any]] = [{"id": "receiver-1", "address": "receiver"}]
     devices += [{"id": dev, "address": f"{bid:08x}"} for dev, bid in BUTTONS.items()]
     config = {
@@ -144,7 +159,7 @@ def write_config(tmp_path: Path, broker_port: int, serial_port: str) -> Path:
             "port": broker_port,
             "username": "gw-site-a",
             "password_env": "EDGE_TEST_PASSWORD",
-            "keepalive_s": 5,
+            "keepalive_s": keepalive_s,
             "reconnect_max_s": 1,
         },
         "supervision": {"backoff_initial_s": 0.2, "backoff_max_s": 1},
@@ -234,11 +249,14 @@ async def test_birth_command_and_last_will(
         birth = await asyncio.to_thread(retained, broker.port, GW_TOPIC)
         assert birth["online"] is True and birth["drivers"] == {"cb": "running"}, birth
 
-        # One press is one event, whatever the three RF repeats.
+        # One press is one event, whatever the three RF repeats. A second press behind
+        # it on the line is the barrier: any event the repeats made arrives before it.
         seq = await sim.press(BUTTONS["btn-03"])
-        await until(lambda: len(events.events()) >= 1, 10, "the SOS event")
-        await asyncio.sleep(0.5)
-        (topic, event), *rest = events.events()
+        await sim.press(BUTTONS["btn-04"])
+        await until(
+            lambda: any(t.endswith("/btn-04/event") for t, _ in events.events()), 10, "barrier"
+        )
+        (topic, event), *rest = [(t, e) for t, e in events.events() if "/btn-04/" not in t]
         assert not rest, rest
         assert topic == f"eldersafe/v1/{SITE}/btn-03/event"
         assert (event["type"], event["phase"], event["data"]["seq"]) == ("sos", "pulse", seq)
@@ -315,15 +333,26 @@ async def test_300_events_through_broker_outage_and_sigkill_arrive_once(
         await until(lambda: health(tmp_path).get("outbox_pending") == 300, 20, "300 in outbox")
         assert collector.events() == []
 
-        await asyncio.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
+        # The outage under test lasts 30 s; the edge must know it all along.
+        await until(
+            lambda: time.monotonic() - stopped_at >= 30 and health(tmp_path)["connected"] is False,
+            40,
+            "a 30 s outage",
+        )
         outage = time.monotonic() - stopped_at
         await asyncio.to_thread(broker.start)
 
         await until(lambda: len({e["event_id"] for _, e in collector.events()}) >= 300, 60, "300")
         await until(lambda: health(tmp_path).get("outbox_pending") == 0, 10, "outbox drained")
-        await asyncio.sleep(1)  # anything extra would show up now
+        # Barrier: a press after the drain; every redelivery was sent before its PUBACK,
+        # so it arrives before this event (the broker keeps the edge's order).
+        barrier = ("btn-00", await sim.press(BUTTONS["btn-00"]))
 
-        events = collector.events()
+        def key(topic: str, e: dict[str, Any]) -> tuple[str, int]:
+            return (topic.split("/")[3], e["data"]["seq"])
+
+        await until(lambda: any(key(t, e) == barrier for t, e in collector.events()), 10, "barrier")
+        events = [(t, e) for t, e in collector.events() if key(t, e) != barrier]
         by_press: dict[tuple[str, int], set[str]] = defaultdict(set)
         for topic, e in events:
             assert e["type"] == "sos" and e["phase"] == "pulse"
@@ -414,21 +443,44 @@ async def test_modbus_smoke_telemetry_hush_and_offline(
 
         bus.set_smoke(1, 0.3)
         await until(lambda: any(e["type"] == "smoke" for e in of("smoke-1", "event")), 10, "smoke")
-        await asyncio.sleep(1.0)  # polled again and again: still one raise
-        smoke = [e for e in of("smoke-1", "event") if e["type"] == "smoke"]
-        assert [e["phase"] for e in smoke] == ["raise"], smoke
 
-        command = CommandPayload(
-            v=1, command_id=uuid.uuid4(), action=CommandAction.HUSH, time=now_utc()
+        def smoky_polls() -> int:
+            return sum(
+                1
+                for t in of("smoke-1", "telemetry")
+                for r in t["readings"]
+                if r["metric"] == "smoke_obscuration_db_m" and r["value"] >= 0.3
+            )
+
+        await until(lambda: smoky_polls() >= 3, 10, "three polls in smoke")
+
+        # Hush: the es-sd1's coil is written; the es-ef1 has none, so its hush is refused.
+        hush_smoke, hush_ef = (
+            CommandPayload(v=1, command_id=uuid.uuid4(), action=CommandAction.HUSH, time=now_utc())
+            for _ in range(2)
         )
         await asyncio.to_thread(
             publish_all,
             broker.port,
             "server",
             SERVER_PASSWORD,
-            [(f"eldersafe/v1/{SITE}/smoke-1/command", dump(command), 1)],
+            [
+                (f"eldersafe/v1/{SITE}/smoke-1/command", dump(hush_smoke), 1),
+                (f"eldersafe/v1/{SITE}/ef-2/command", dump(hush_ef), 1),
+            ],
         )
         await until(lambda: bus.coil_writes(1) != [], 10, "hush coil write")
+        for sent in (hush_smoke, hush_ef):
+            await until(lambda: collector.results(sent.command_id) != [], 10, "a result")  # noqa: B023
+        # The results left the outbox behind any event of the polls before them: polled
+        # again and again in smoke, still one raise.
+        smoke = [e for e in of("smoke-1", "event") if e["type"] == "smoke"]
+        assert [e["phase"] for e in smoke] == ["raise"], smoke
+        ((_, executed),) = collector.results(hush_smoke.command_id)
+        assert (executed["outcome"], executed["via"]) == ("executed", "rs485"), executed
+        ((_, refused),) = collector.results(hush_ef.command_id)
+        assert refused["outcome"] == "refused" and "es-ef1 cannot hush" in refused["reason"]
+        assert bus.coil_writes(2) == []
 
         bus.silence(2)  # unit 2 stops answering: offline after 3 failed polls
         await until(
@@ -538,7 +590,11 @@ async def test_wristband_over_bumble_transport(
     collector = SessionCollector(broker.port, f"eldersafe/v1/{SITE}/#")
     process: EdgeProcess = edge(path)
     try:
-        await asyncio.sleep(1.0)  # the simulator's HCI server is up
+        await until(
+            lambda: b"advertising" in (tmp_path / "wristband.log").read_bytes(),
+            20,
+            "the simulator's HCI server and advertising",
+        )
         process.start()
         await until(
             lambda: any(t.endswith("wb-1/event") for t, _, _ in collector.snapshot()), 20, "SOS"

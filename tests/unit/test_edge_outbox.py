@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.edge.outbox import Outbox
+from gateway.edge.outbox import RECEIVED, Outbox
 
 
 class Clock:
@@ -154,10 +154,73 @@ def test_dead_letter_keeps_event_and_reason(path: Path, clock: Clock) -> None:
     assert row == (str(event_id), "payload format invalid")
 
 
-def test_commands_ledger(path: Path, clock: Clock) -> None:
+def test_command_ledger_takes_answers_and_answers_again(path: Path, clock: Clock) -> None:
     box = Outbox(path, clock=clock)
     cid = uuid.uuid4()
-    assert box.command_done(cid) is None
-    box.record_command(cid, "btn-1", "acknowledge", "done via cb")
+    assert box.command_outcome(cid) is None
+    first = box.take_command(cid, "btn-1", "acknowledge", b'{"cmd": 1}')
+    assert (first.new, first.outcome, first.requeued) == (True, RECEIVED, False)
+    # Seen again before it is answered: known, nothing queued.
+    again = box.take_command(cid, "btn-1", "acknowledge", b'{"cmd": 1}')
+    assert (again.new, again.outcome, again.requeued) == (False, RECEIVED, False)
+    assert box.pending() == 0
+    # Taken, not answered: what a restarted edge must carry out.
     box.close()
-    assert Outbox(path, clock=clock).command_done(cid) == "done via cb"
+    box = Outbox(path, clock=clock)
+    assert [(c.command_id, c.device, c.command) for c in box.unanswered_commands()] == [
+        (cid, "btn-1", b'{"cmd": 1}')
+    ]
+    # The answer and its result message are one transaction.
+    box.answer_command(cid, "executed", "t/btn-1/command/result", b"result-1")
+    assert box.command_outcome(cid) == "executed"
+    assert box.unanswered_commands() == []
+    assert [(i.topic, i.payload) for i in box.peek(0, 10)] == [
+        ("t/btn-1/command/result", b"result-1")
+    ]
+    box.ack([i.seq for i in box.peek(0, 10)])
+    # A redelivery after the answer queues the recorded result again, not a new run.
+    redelivered = box.take_command(cid, "btn-1", "acknowledge", b'{"cmd": 1}')
+    assert (redelivered.new, redelivered.outcome, redelivered.requeued) == (
+        False,
+        "executed",
+        True,
+    )
+    assert [i.payload for i in box.peek(0, 10)] == [b"result-1"]
+
+
+def test_answering_an_unknown_command_changes_nothing(path: Path, clock: Clock) -> None:
+    box = Outbox(path, clock=clock)
+    with pytest.raises(KeyError):
+        box.answer_command(uuid.uuid4(), "executed", "t/x", b"r")
+    assert box.pending() == 0
+
+
+def test_purge_forgets_old_answers_only(path: Path, clock: Clock) -> None:
+    box = Outbox(path, clock=clock)
+    answered, waiting = uuid.uuid4(), uuid.uuid4()
+    box.take_command(answered, "d", "hush", b"a")
+    box.answer_command(answered, "refused", "t/d/command/result", b"r")
+    box.take_command(waiting, "d", "hush", b"w")
+    clock.now += 8 * 24 * 3600
+    assert box.purge_commands(7 * 24 * 3600) == 1
+    assert box.command_outcome(answered) is None
+    assert box.command_outcome(waiting) == RECEIVED  # still to be carried out
+
+
+def test_ledger_of_an_older_edge_gains_the_result_columns(path: Path, clock: Clock) -> None:
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE commands (command_id TEXT PRIMARY KEY, device TEXT NOT NULL, "
+        "action TEXT NOT NULL, outcome TEXT NOT NULL, at REAL NOT NULL)"
+    )
+    cid = uuid.uuid4()
+    old.execute(
+        "INSERT INTO commands VALUES (?, 'btn-1', 'acknowledge', 'done via cb', 0)", (str(cid),)
+    )
+    old.commit()
+    old.close()
+    box = Outbox(path, clock=clock)
+    taken = box.take_command(cid, "btn-1", "acknowledge", b"c")
+    assert (taken.new, taken.requeued) == (False, False)  # known; no result to repeat
+    assert box.unanswered_commands() == []
