@@ -1,8 +1,12 @@
 """Mosquitto password and ACL files generated from the registered gateways.
 
 Every gateway has its own account and may publish only under its own site and
-read only its own site's commands; the server has one account that reads
-everything and writes commands. Anonymous access is off (see ``local/mosquitto``).
+read only its own site's commands; each server process has an account of its
+own that reads everything and writes commands. The broker names a session
+after its account (``use_username_as_clientid``), so one user name is one
+session: a name given to two accounts is refused here, and two processes
+sharing one account would knock each other off. Anonymous access is off (see
+``local/mosquitto``).
 The password file uses Mosquitto's PBKDF2-SHA512 format (``$7$``), so no
 ``mosquitto_passwd`` binary is needed and hashes can be stored in the database.
 """
@@ -14,6 +18,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +87,9 @@ def render_acl_file(accounts: Iterable[BrokerAccount]) -> str:
 
 def write_broker_files(accounts: list[BrokerAccount], password_file: Path, acl_file: Path) -> None:
     """Write both files atomically (a reload never sees half a file)."""
+    shared = sorted(name for name, n in Counter(a.username for a in accounts).items() if n > 1)
+    if shared:
+        raise ValueError(f"broker user names given to more than one account: {shared}")
     for path, text in (
         (password_file, render_password_file(accounts)),
         (acl_file, render_acl_file(accounts)),

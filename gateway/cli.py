@@ -56,10 +56,14 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway_add(args: argparse.Namespace) -> int:
+    from gateway.broker_auth import gateway_username
     from gateway.registry import add_gateway
 
     password = add_gateway(_settings().database_url, args.id, args.site)
-    print(f"gateway {args.id} (site {args.site}) password: {password}")
+    print(f"gateway {args.id} registered for site {args.site}")
+    print(f"broker user:     {gateway_username(args.id)}")
+    print(f"broker password: {password}")
+    print("(the password is shown only now; run `eldersafe broker-files` and reload the broker)")
     return 0
 
 
@@ -68,11 +72,13 @@ def cmd_broker_files(args: argparse.Namespace) -> int:
     from gateway.registry import broker_accounts
 
     settings = _settings()
-    accounts = broker_accounts(
-        settings.database_url, settings.mqtt_username, settings.mqtt_password
-    )
+    accounts = broker_accounts(settings.database_url, settings.server_accounts())
     write_broker_files(accounts, Path(args.password_file), Path(args.acl_file))
-    print(f"{len(accounts)} broker accounts written; reload the broker (SIGHUP)")
+    servers = sorted(a.username for a in accounts if a.site is None)
+    print(
+        f"{len(accounts)} broker accounts written (server accounts: {', '.join(servers)});"
+        " reload the broker (SIGHUP)"
+    )
     return 0
 
 
@@ -147,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true")
     p.set_defaults(func=cmd_schemas)
 
-    p = sub.add_parser("gateway-add", help="register a gateway and print its broker password")
+    p = sub.add_parser(
+        "gateway-add", help="register a gateway and print its broker user name and password"
+    )
     p.add_argument("--id", required=True)
     p.add_argument("--site", required=True)
     p.set_defaults(func=cmd_gateway_add)

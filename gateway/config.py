@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_SECRET = "eldersafe-demo-only"
@@ -21,13 +21,20 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/eldersafe"
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    # This process's broker account. The broker uses the user name as the client
+    # id (use_username_as_clientid), so it also names the server's session: each
+    # server process needs an account of its own.
     mqtt_username: str = "server"
     mqtt_password: str = DEMO_SECRET
-    mqtt_client_id: str = "eldersafe-server"
+    # Every server process's account (JSON object user -> password), for
+    # `eldersafe broker-files`; this process's own account is always included.
+    mqtt_server_accounts: dict[str, SecretStr] = {}
     # with several servers: "$share/<group>/" in front of the filter spreads the load
     mqtt_shared_group: str | None = None
     mqtt_keepalive_s: int = 30
     mqtt_session_expiry_s: int = 7 * 24 * 3600
+    # how often the server records in the database that its session is alive
+    mqtt_session_heartbeat_s: float = 60.0
     telemetry_retention_days: int = 90
     retention_check_interval_s: float = 3600.0
     metrics_port: int | None = None
@@ -38,11 +45,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> Settings:
+        listed = self.mqtt_server_accounts.get(self.mqtt_username)
+        if listed is not None and listed.get_secret_value() != self.mqtt_password:
+            raise ValueError(
+                f"ELDERSAFE_MQTT_SERVER_ACCOUNTS gives {self.mqtt_username!r} another password "
+                "than ELDERSAFE_MQTT_PASSWORD"
+            )
         if self.environment == "production" and self.engine_clock != "system":
             raise ValueError("ELDERSAFE_ENGINE_CLOCK=database is for tests only")
-        if self.environment == "production" and self.mqtt_password == DEMO_SECRET:
+        if self.environment == "production" and DEMO_SECRET in self.server_accounts().values():
             raise ValueError(
-                "ELDERSAFE_MQTT_PASSWORD is the demo's default; set a real secret "
-                "(or ELDERSAFE_ENVIRONMENT=demo for the demo)"
+                "ELDERSAFE_MQTT_PASSWORD (or a password in ELDERSAFE_MQTT_SERVER_ACCOUNTS) is "
+                "the demo's default; set a real secret (or ELDERSAFE_ENVIRONMENT=demo for the demo)"
             )
         return self
+
+    def server_accounts(self) -> dict[str, str]:
+        """User name → password of every server process (this one's included)."""
+        accounts = {n: s.get_secret_value() for n, s in self.mqtt_server_accounts.items()}
+        accounts[self.mqtt_username] = self.mqtt_password
+        return accounts

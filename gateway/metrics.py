@@ -31,6 +31,14 @@ INGEST_STORE_ERRORS = Counter(
     "eldersafe_ingest_store_errors_total", "failed batch writes (retried)"
 )
 INGEST_PENDING = Gauge("eldersafe_ingest_pending_messages", "received, not yet durable")
+MQTT_SESSIONS_LOST = Counter(
+    "eldersafe_mqtt_sessions_lost_total",
+    "the server's MQTT session lost (session_lost: the broker had none when it should have;"
+    " taken_over: another connection took it, DISCONNECT 0x8E)",
+    ["kind"],
+)
+for _kind in ("session_lost", "taken_over"):
+    MQTT_SESSIONS_LOST.labels(_kind)  # exported as 0 from the start, for alert rules
 EDGE_COMMANDS = Counter(
     "eldersafe_edge_commands_total",
     "downlink commands answered by the edge, by outcome: executed, refused, unreachable;"

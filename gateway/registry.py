@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import psycopg
 
 from gateway.broker_auth import BrokerAccount, gateway_username, hash_password, new_password
@@ -20,8 +22,12 @@ def add_gateway(dsn: str, gateway_id: str, site_id: str, password: str | None = 
     return password
 
 
-def broker_accounts(dsn: str, server_username: str, server_password: str) -> list[BrokerAccount]:
-    accounts = [BrokerAccount(server_username, hash_password(server_password), None)]
+def broker_accounts(dsn: str, server_accounts: Mapping[str, str]) -> list[BrokerAccount]:
+    """One account per server process (user → password) and one per registered gateway."""
+    accounts = [
+        BrokerAccount(name, hash_password(password), None)
+        for name, password in sorted(server_accounts.items())
+    ]
     with psycopg.connect(dsn) as conn:
         for gateway_id, site_id, password_hash in conn.execute(
             "SELECT id, site_id, password_hash FROM gateways ORDER BY id"

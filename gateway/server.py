@@ -1,4 +1,11 @@
-"""``eldersafe server``: migrations, MQTT ingest, telemetry retention and metrics in one process."""
+"""``eldersafe server``: migrations, MQTT ingest, telemetry retention and metrics in one process.
+
+The server also keeps the record of its own MQTT session: when it was last seen
+alive (``mqtt_server_sessions``) and every incident (``mqtt_session_incidents``).
+A restarted server whose broker has no session although the record says the
+session cannot have expired yet reports it as lost: the messages queued for it
+in between are gone (a broker restarted without its persistence file, say).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +23,20 @@ from gateway.db.migrate import migrate
 from gateway.db.retention import drop_old_telemetry
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.ingest.store import IngestStore
-from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint
+from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint, SessionIncident
 
 log = logging.getLogger(__name__)
+
+_SESSION_RECORD = """
+SELECT last_seen_at, expiry_s FROM mqtt_server_sessions
+WHERE client_id = %s AND last_seen_at + make_interval(secs => expiry_s) > now()
+"""
+_SESSION_SEEN = """
+INSERT INTO mqtt_server_sessions (client_id, last_seen_at, expiry_s) VALUES (%s, now(), %s)
+ON CONFLICT (client_id) DO UPDATE SET
+    last_seen_at = excluded.last_seen_at, expiry_s = excluded.expiry_s
+"""
+_INCIDENT = "INSERT INTO mqtt_session_incidents (client_id, kind, detail) VALUES (%s, %s, %s)"
 
 
 def subscription_filters(settings: Settings) -> list[str]:
@@ -39,6 +57,53 @@ async def retention_loop(settings: Settings) -> None:
         await asyncio.sleep(settings.retention_check_interval_s)
 
 
+async def expected_session(dsn: str, client_id: str) -> str | None:
+    """Why the broker should still hold our session, from the record; None if it need not."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(_SESSION_RECORD, (client_id,))
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return f"this server had it at {row[0]:%Y-%m-%d %H:%M:%S %Z} with an expiry of {row[1]} s"
+
+
+async def session_heartbeat_loop(settings: Settings, consumer: MqttConsumer) -> None:
+    """Record the session as alive at each new session and every heartbeat interval."""
+    while True:
+        await consumer.connected.wait()
+        consumer.session_up.clear()
+        try:
+            async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+                await conn.execute(
+                    _SESSION_SEEN, (consumer.client_id, settings.mqtt_session_expiry_s)
+                )
+        except (psycopg.Error, OSError) as exc:
+            log.warning("could not record the mqtt session as alive: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(consumer.session_up.wait(), settings.mqtt_session_heartbeat_s)
+
+
+async def incident_loop(dsn: str, incidents: asyncio.Queue[SessionIncident]) -> None:
+    """Store each session incident (the console shows them); wait out a database outage."""
+    while True:
+        incident = await incidents.get()
+        backoff = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn) as conn:
+                    await conn.execute(
+                        _INCIDENT, (incident.client_id, incident.kind, incident.detail)
+                    )
+                break
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning("could not store the session incident (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except psycopg.Error as exc:
+                log.error("session incident not stored: %s (%s)", exc, incident)
+                break
+
+
 async def serve(settings: Settings) -> None:
     await asyncio.to_thread(migrate, settings.database_url)
     if settings.metrics_port:
@@ -47,21 +112,28 @@ async def serve(settings: Settings) -> None:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
     store = IngestStore(settings.database_url)
     pipeline = IngestPipeline(store)
+    incidents: asyncio.Queue[SessionIncident] = asyncio.Queue()
+    # the broker names the session after the account (use_username_as_clientid)
+    client_id = settings.mqtt_username
     consumer = MqttConsumer(
         MqttEndpoint(
             settings.mqtt_host, settings.mqtt_port, settings.mqtt_username, settings.mqtt_password
         ),
-        client_id=settings.mqtt_client_id,
+        client_id=client_id,
         filters=subscription_filters(settings),
         on_publish=pipeline.on_publish,
         keepalive=settings.mqtt_keepalive_s,
         session_expiry_s=settings.mqtt_session_expiry_s,
+        on_incident=incidents.put_nowait,
+        expected_session=await expected_session(settings.database_url, client_id),
     )
     pipeline.attach(consumer)
     tasks = [
         asyncio.create_task(consumer.run(), name="mqtt"),
         asyncio.create_task(pipeline.run(), name="ingest"),
         asyncio.create_task(retention_loop(settings), name="retention"),
+        asyncio.create_task(session_heartbeat_loop(settings, consumer), name="session-record"),
+        asyncio.create_task(incident_loop(settings.database_url, incidents), name="incidents"),
         asyncio.create_task(
             EngineWorkers(settings.database_url, settings.mqtt_username, settings.engine_clock,
                           settings.engine_poll_s).run(), name="alert-engine"),

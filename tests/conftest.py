@@ -15,9 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, ServerProcess
+from support import ServerProcess, accounts_for_tests
 
-from gateway.broker_auth import BrokerAccount, hash_password
 from gateway.db.migrate import migrate
 from gateway.local.mosquitto import MosquittoInstance
 from gateway.local.postgres import PostgresInstance
@@ -72,20 +71,12 @@ def database(pg_cluster: PostgresInstance) -> str:
     return create_database(pg_cluster)
 
 
-def test_accounts() -> list[BrokerAccount]:
-    return [
-        BrokerAccount("server", hash_password(SERVER_PASSWORD), None),
-        BrokerAccount("gw-site-a", hash_password(GATEWAY_PASSWORDS["gw-site-a"]), "site-a"),
-        BrokerAccount("gw-site-b", hash_password(GATEWAY_PASSWORDS["gw-site-b"]), "site-b"),
-    ]
-
-
 @pytest.fixture
 def broker() -> Iterator[MosquittoInstance]:
     """A fresh Mosquitto with the project's generated password and ACL files."""
     directory = _tempdir("eldersafe-mqtt-")
     instance = MosquittoInstance(directory)
-    instance.configure(test_accounts())
+    instance.configure(accounts_for_tests())
     instance.start()
     yield instance
     instance.stop()
@@ -102,9 +93,13 @@ def server_factory(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 
 @pytest.fixture
 def make_server(server_factory: list[ServerProcess], tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(dsn: str, port: int, **extra_env: str) -> ServerProcess:
+    def make(dsn: str, port: int, username: str = "server", **extra_env: str) -> ServerProcess:
         server = ServerProcess(
-            dsn, port, tmp_path / f"server-{len(server_factory)}.log", extra_env=dict(extra_env)
+            dsn,
+            port,
+            tmp_path / f"server-{len(server_factory)}.log",
+            username=username,
+            extra_env=dict(extra_env),
         )
         server_factory.append(server)
         return server

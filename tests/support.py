@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,29 @@ import paho.mqtt.client as mqtt
 import psycopg
 
 from device_drivers.model import Observation
+from gateway.broker_auth import BrokerAccount, hash_password
 
+# The broker names each session after its account (use_username_as_clientid):
+# two clients of one account at once knock each other off. So each site has a
+# second gateway account for raw test publishers and collectors beside an edge,
+# and "server-2" (server rights) watches and commands beside a running server.
 SERVER_PASSWORD = "server-test-secret"
-GATEWAY_PASSWORDS = {"gw-site-a": "secret-a", "gw-site-b": "secret-b"}
+SERVER_PASSWORDS = {"server": SERVER_PASSWORD, "server-2": "server-2-test-secret"}
+GATEWAY_PASSWORDS = {
+    "gw-site-a": "secret-a",
+    "gw-site-a-2": "secret-a-2",
+    "gw-site-b": "secret-b",
+    "gw-site-b-2": "secret-b-2",
+}
+
+
+def accounts_for_tests() -> list[BrokerAccount]:
+    """Two server accounts and two gateway accounts per site (see GATEWAY_PASSWORDS)."""
+    servers = [BrokerAccount(u, hash_password(p), None) for u, p in SERVER_PASSWORDS.items()]
+    return servers + [
+        BrokerAccount(user, hash_password(password), user.removeprefix("gw-").removesuffix("-2"))
+        for user, password in GATEWAY_PASSWORDS.items()
+    ]
 
 
 def mqtt_client(
@@ -82,9 +103,10 @@ def publish_all(
     password: str,
     messages: Iterable[tuple[str, bytes, int]],
     timeout: float = 30.0,
+    client_id: str | None = None,
 ) -> list[Any]:
     """Publish and wait until the broker acknowledged every QoS 1 message."""
-    c = connect(port, username, password)
+    c = connect(port, username, password, client_id=client_id)
     assert c.ok.is_set(), f"publisher could not connect: {c.reason}"
     infos = [c.client.publish(t, p, qos=q) for t, p, q in messages]
     deadline = time.monotonic() + timeout
@@ -134,6 +156,46 @@ def scalar(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return row[0] if row else None
 
 
+def sos_events(n: int, site: str = "site-a") -> tuple[list[str], list[tuple[str, bytes, int]]]:
+    """``n`` SOS events with fresh ids, one per button: (ids, messages for publish_all)."""
+    from gateway.contract.payloads import EventPayload, EventType, Phase, dump
+
+    ids = [uuid.uuid4() for _ in range(n)]
+    messages = [
+        (
+            f"eldersafe/v1/{site}/btn-{i}/event",
+            dump(
+                EventPayload(
+                    v=1,
+                    event_id=event_id,
+                    type=EventType.SOS,
+                    phase=Phase.PULSE,
+                    time=datetime.now(UTC),
+                    profile="es-cb1",
+                    data={"n": i},
+                )
+            ),
+            1,
+        )
+        for i, event_id in enumerate(ids)
+    ]
+    return [str(i) for i in ids], messages
+
+
+def assert_stored_once(dsn: str, sent: list[str], within_s: float = 30) -> None:
+    """Every sent event id is in the database once, and nothing else is."""
+    wait_for(
+        lambda: scalar(dsn, "SELECT count(*) FROM device_events") >= len(sent),
+        within_s,
+        f"{len(sent)} events in the database",
+    )
+    with psycopg.connect(dsn) as conn:
+        stored = [str(r[0]) for r in conn.execute("SELECT event_id FROM device_events")]
+        ledger = conn.execute("SELECT count(*) FROM event_ledger").fetchone()
+    assert sorted(stored) == sorted(sent), "events lost, doubled or invented"
+    assert ledger == (len(sent),)
+
+
 @dataclass
 class ServerProcess:
     """``eldersafe server`` as a real child process (so it can be SIGKILLed)."""
@@ -141,9 +203,10 @@ class ServerProcess:
     dsn: str
     mqtt_port: int
     log_path: Path
-    client_id: str = "eldersafe-server"
+    username: str = "server"
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    sessions_before_start: int = 0
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -152,16 +215,22 @@ class ServerProcess:
                 "ELDERSAFE_ENVIRONMENT": "test",
                 "ELDERSAFE_DATABASE_URL": self.dsn,
                 "ELDERSAFE_MQTT_PORT": str(self.mqtt_port),
-                "ELDERSAFE_MQTT_USERNAME": "server",
-                "ELDERSAFE_MQTT_PASSWORD": SERVER_PASSWORD,
-                "ELDERSAFE_MQTT_CLIENT_ID": self.client_id,
+                "ELDERSAFE_MQTT_USERNAME": self.username,
+                "ELDERSAFE_MQTT_PASSWORD": SERVER_PASSWORDS[self.username],
                 "ELDERSAFE_MQTT_KEEPALIVE_S": "5",
             }
         )
         env.update(self.extra_env)
         return env
 
+    def sessions_up(self) -> int:
+        """How many times the log says a session came up (over every start)."""
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_bytes().count(b"mqtt session up")
+
     def start(self) -> None:
+        self.sessions_before_start = self.sessions_up()
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "server"],
@@ -170,10 +239,14 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_session(self, timeout: float = 30.0) -> None:
-        """Wait until the server's session is subscribed (the log says so)."""
+    def wait_session(self, timeout: float = 30.0, count: int = 1) -> None:
+        """Wait until ``count`` sessions came up since the latest start (the log says so)."""
         try:
-            wait_for(lambda: b"mqtt session up" in self.log_path.read_bytes(), timeout, "session")
+            wait_for(
+                lambda: self.sessions_up() - self.sessions_before_start >= count,
+                timeout,
+                f"session {count} since start",
+            )
         except AssertionError:
             raise AssertionError(f"server session not up; its log:\n{self.log_tail()}") from None
 

@@ -3,7 +3,10 @@
 Queue limits are set deliberately: Mosquitto's default ``max_queued_messages``
 (1000) silently drops QoS 1 messages queued for a lagging persistent session,
 which would break the promise that nothing is lost. Sessions expire so that
-dead consumers do not accumulate copies forever.
+dead consumers do not accumulate copies forever. The broker names every
+session after the account that opens it (``use_username_as_clientid``), so no
+client can take over, or wipe, the session of another account; two processes
+sharing one account knock each other off, hence one account per process.
 """
 
 from __future__ import annotations
@@ -39,13 +42,22 @@ class MosquittoInstance:
     def log_file(self) -> Path:
         return self.directory / "mosquitto.log"
 
+    @property
+    def conf_file(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    @property
+    def data_dir(self) -> Path:
+        """``persistence_location``: the broker saves its sessions and queues here."""
+        return self.directory / "data"
+
     def configure(self, accounts: list[BrokerAccount]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / "data").mkdir(exist_ok=True)
+        self.data_dir.mkdir(exist_ok=True)
         if not self.port:
             self.port = free_port()
         write_broker_files(accounts, self.password_file, self.acl_file)
-        conf = self.directory / "mosquitto.conf"
+        conf = self.conf_file
         conf.write_text(
             "\n".join(
                 [
@@ -54,8 +66,9 @@ class MosquittoInstance:
                     f"password_file {self.password_file}",
                     f"acl_file {self.acl_file}",
                     f"listener {self.port} 127.0.0.1",
+                    "use_username_as_clientid true",
                     "persistence true",
-                    f"persistence_location {self.directory / 'data'}/",
+                    f"persistence_location {self.data_dir}/",
                     "autosave_interval 30",
                     f"max_queued_messages {self.max_queued_messages}",
                     "max_queued_bytes 0",
@@ -69,7 +82,7 @@ class MosquittoInstance:
                 ]
             )
         )
-        for path in (self.directory, self.directory / "data", conf):
+        for path in (self.directory, self.data_dir, conf):
             _give_to_broker_user(path)
         if self.log_file.exists():
             _give_to_broker_user(self.log_file)
@@ -79,7 +92,7 @@ class MosquittoInstance:
             return
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.process = subprocess.Popen(
-            [binary, "-c", str(self.directory / "mosquitto.conf")],
+            [binary, "-c", str(self.conf_file)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -6,6 +6,13 @@ batch in one write. It keeps the session (clean start off, session expiry),
 pings, reconnects with backoff and, after a reconnect, lets the broker
 redeliver what was not acknowledged. Acks are tagged with the connection
 epoch: an ack for a packet id of a closed connection is never sent on a new one.
+
+Whatever goes wrong in one connection (refused, closed mid-handshake, a
+protocol error, a bug) ends that connection only: the next attempt is a fresh
+one after a backoff. A session the broker should still hold but does not
+(CONNACK without session present) and a DISCONNECT "session taken over" are
+incidents: messages queued for the session may be gone, so they are logged
+as errors, counted and handed to ``on_incident``.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
 
+from gateway import metrics
 from gateway.mqtt.codec import (
     DISCONNECT,
     PINGREQ,
@@ -42,6 +51,7 @@ CONNACK_REASONS = {
     0x88: "server unavailable",
     0x8A: "banned",
 }
+SESSION_TAKEN_OVER = 0x8E
 
 
 class MqttConnectError(ConnectionError):
@@ -60,7 +70,17 @@ class MqttEndpoint:
     password: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionIncident:
+    """The broker lost the session or gave it to another connection."""
+
+    kind: Literal["session_lost", "taken_over"]
+    client_id: str
+    detail: str
+
+
 OnPublish = Callable[[int, Publish], None]
+OnIncident = Callable[[SessionIncident], None]
 
 
 class _Protocol(asyncio.Protocol):
@@ -111,20 +131,27 @@ class MqttConsumer:
         keepalive: int = 30,
         session_expiry_s: int = 7 * 24 * 3600,
         receive_maximum: int = 65535,
+        on_incident: OnIncident | None = None,
+        expected_session: str | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.client_id = client_id
         self.filters = filters
         self.on_publish = on_publish
+        self.on_incident = on_incident
         self.keepalive = keepalive
         self.session_expiry_s = session_expiry_s
         self.receive_maximum = receive_maximum
+        # why the broker should hold our session at the next CONNACK (None: no reason to)
+        self.expected_session = expected_session
         self.epoch = 0
         self.connected = asyncio.Event()
+        self.session_up = asyncio.Event()  # set at each new session; its reader clears it
         self.connects = 0
         self._proto: _Protocol | None = None
         self._waiters: dict[type, asyncio.Future[Packet]] = {}
         self._paused = False
+        self._disconnect_reason: int | None = None
 
     # -- called by the pipeline -------------------------------------------------
     def ack(self, epoch: int, packet_ids: list[int]) -> bool:
@@ -141,14 +168,17 @@ class MqttConsumer:
     def pause(self) -> None:
         """Stop reading (TCP back-pressure) while the store is behind."""
         proto = self._proto
-        if proto is not None and proto.transport is not None and not self._paused:
+        if self._paused or proto is None or proto.transport is None:
+            return
+        if not proto.transport.is_closing():
             proto.transport.pause_reading()
             self._paused = True
 
     def resume(self) -> None:
         proto = self._proto
-        if proto is not None and proto.transport is not None and self._paused:
-            proto.transport.resume_reading()
+        transport = proto.transport if proto is not None else None
+        if self._paused and transport is not None and not transport.is_closing():
+            transport.resume_reading()
         self._paused = False
 
     # -- session ------------------------------------------------------------------
@@ -157,20 +187,50 @@ class MqttConsumer:
         if waiter is not None and not waiter.done():
             waiter.set_result(packet)
         elif isinstance(packet, Disconnect):
-            log.warning("broker sent DISCONNECT (reason 0x%02x)", packet.reason_code)
+            self._disconnect_reason = packet.reason_code
+            if packet.reason_code != SESSION_TAKEN_OVER:
+                log.warning("broker sent DISCONNECT (reason 0x%02x)", packet.reason_code)
 
-    async def _expect(self, kind: type, within_s: float) -> Packet:
+    async def _expect(self, kind: type, proto: _Protocol, within_s: float) -> Packet:
+        """The next packet of ``kind``; fails as soon as the connection is lost."""
         fut: asyncio.Future[Packet] = asyncio.get_running_loop().create_future()
         self._waiters[kind] = fut
-        return await asyncio.wait_for(fut, within_s)
+        either: list[asyncio.Future[Any]] = [fut, proto.lost]
+        await asyncio.wait(either, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        if proto.lost.done():
+            raise ConnectionError(
+                f"connection closed while waiting for {kind.__name__}: {proto.lost.result()}"
+            )
+        raise TimeoutError(f"no {kind.__name__} within {within_s} s")
+
+    def _incident(self, kind: Literal["session_lost", "taken_over"], detail: str) -> None:
+        log.error("mqtt session incident (%s) for %s: %s", kind, self.client_id, detail)
+        metrics.MQTT_SESSIONS_LOST.labels(kind).inc()
+        if self.on_incident is not None:
+            self.on_incident(SessionIncident(kind, self.client_id, detail))
+
+    def _check_session(self, session_present: bool) -> None:
+        if not session_present and self.expected_session is not None:
+            self._incident(
+                "session_lost",
+                f"the broker has no session although {self.expected_session}; messages"
+                " queued for it since are lost",
+            )
+        self.expected_session = f"this process had it at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
     async def _session(self) -> None:
         loop = asyncio.get_running_loop()
         ep = self.endpoint
+        # A new epoch before the new connection exists: from here on every ack
+        # of the previous connection is refused, whenever it comes.
+        self.epoch += 1
+        self._proto = None
+        self._disconnect_reason = None
         transport, proto = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(self), ep.host, ep.port), 10
         )
-        self.epoch += 1
         self._proto = proto
         self._paused = False
         try:
@@ -185,11 +245,14 @@ class MqttConsumer:
                     receive_maximum=self.receive_maximum,
                 )
             )
-            connack = cast(ConnAck, await self._expect(ConnAck, 10))
+            connack = cast(ConnAck, await self._expect(ConnAck, proto, 10))
             if connack.reason_code != 0:
                 raise MqttConnectError(connack.reason_code)
+            self._check_session(connack.session_present)
+            if transport.is_closing():
+                raise ConnectionError("connection closed right after CONNACK")
             transport.write(encode_subscribe(1, [(f, 1) for f in self.filters]))
-            suback = cast(SubAck, await self._expect(SubAck, 10))
+            suback = cast(SubAck, await self._expect(SubAck, proto, 10))
             refused = [
                 f for f, rc in zip(self.filters, suback.reason_codes, strict=False) if rc >= 0x80
             ]
@@ -197,6 +260,7 @@ class MqttConsumer:
                 raise MqttConnectError(0x87)
             self.connects += 1
             self.connected.set()
+            self.session_up.set()
             log.info(
                 "mqtt session up (%s, session present: %s)", self.client_id, connack.session_present
             )
@@ -209,10 +273,20 @@ class MqttConsumer:
                     log.warning("mqtt keep-alive timed out; reconnecting")
                     transport.abort()
                     break
+                if transport.is_closing():
+                    break
                 transport.write(PINGREQ)
             exc = proto.lost.result() if proto.lost.done() else None
-            if exc is not None:
+            if self._disconnect_reason == SESSION_TAKEN_OVER:
+                self._incident(
+                    "taken_over",
+                    "another connection with this account took the session over (DISCONNECT"
+                    " 0x8E); messages delivered to it are not ours to store",
+                )
+            elif exc is not None:
                 log.warning("mqtt connection lost: %s", exc)
+            else:
+                log.warning("mqtt connection closed by the broker")
         finally:
             self.connected.clear()
             self._waiters.clear()
@@ -220,7 +294,7 @@ class MqttConsumer:
                 transport.close()
 
     async def run(self) -> None:
-        """Keep the session up until cancelled."""
+        """Keep the session up until cancelled; no failure of one connection ends it."""
         backoff = 0.2
         while True:
             started = time.monotonic()
@@ -228,6 +302,8 @@ class MqttConsumer:
                 await self._session()
             except (OSError, TimeoutError, MqttConnectError) as exc:
                 log.warning("mqtt session failed: %s", exc)
+            except Exception:
+                log.exception("mqtt session failed unexpectedly; reconnecting on a new connection")
             if time.monotonic() - started > 10:
                 backoff = 0.2
             await asyncio.sleep(backoff)

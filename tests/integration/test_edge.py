@@ -35,7 +35,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, Collector, publish_all
+from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, SERVER_PASSWORDS, Collector, publish_all
 
 from gateway.contract.payloads import CommandAction, CommandPayload, dump, now_utc
 from gateway.local.mosquitto import MosquittoInstance
@@ -89,7 +89,9 @@ class EdgeProcess:
 
 
 class SessionCollector:
-    """A ``server`` subscriber with a persistent session that survives a broker restart."""
+    """A subscriber with server rights (its own account, so that the other test clients of
+    the ``server`` account do not take its session over) and a persistent session that
+    survives a broker restart."""
 
     def __init__(self, port: int, topic: str, account: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
@@ -101,7 +103,7 @@ class SessionCollector:
             client_id=f"test-collector-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5,
         )
-        self.client.username_pw_set(*(account or ("server", SERVER_PASSWORD)))
+        self.client.username_pw_set(*(account or ("server-2", SERVER_PASSWORDS["server-2"])))
         self.client.reconnect_delay_set(1, 1)
         self.topic = topic
 

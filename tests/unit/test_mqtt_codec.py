@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from gateway.mqtt.codec import (
     ConnAck,
+    Disconnect,
     MqttProtocolError,
     PubAck,
     Publish,
@@ -40,6 +41,21 @@ def test_control_packets() -> None:
     packets, used = read_packets(bytearray(wire))
     assert used == len(wire)
     assert packets == [ConnAck(True, 0), SubAck(1, (1,)), PubAck(1), PubAck(65535)]
+
+
+def test_connack_with_properties_and_disconnect_reasons() -> None:
+    """What the session watch reads: session present, and DISCONNECT "session taken over".
+
+    The CONNACK is Mosquitto 2.0.11's answer to an empty client id under
+    use_username_as_clientid (Assigned Client Identifier "gw-a", Topic Alias
+    Maximum 10); a client id that is sent gets the same CONNACK without 0x12.
+    """
+    connack = bytes.fromhex("200d01000a22000a12000467772d61")
+    taken_over = bytes([0xE0, 0x0C, 0x8E, 0x0A, 0x1F, 0x00, 0x07]) + b"taken!!"
+    plain = bytes([0xE0, 0x00])
+    packets, used = read_packets(bytearray(connack + taken_over + plain))
+    assert used == len(connack + taken_over + plain)
+    assert packets == [ConnAck(True, 0), Disconnect(0x8E), Disconnect(0)]
 
 
 @given(st.integers(min_value=1, max_value=268_435_455))

@@ -53,3 +53,13 @@ CREATE TABLE mqtt_session_incidents (
     detail    text NOT NULL DEFAULT ''
 );
 CREATE INDEX mqtt_session_incidents_time ON mqtt_session_incidents (time DESC);
+
+-- When each server account's session was last seen alive, with the expiry it
+-- asked for: a restarted server whose broker has no session although
+-- last_seen_at + expiry_s lies ahead reports the session as lost. The broker
+-- names a session after its account, so client_id is the server's user name.
+CREATE TABLE mqtt_server_sessions (
+    client_id    text PRIMARY KEY,
+    last_seen_at timestamptz NOT NULL,
+    expiry_s     integer NOT NULL CHECK (expiry_s >= 0)
+);
