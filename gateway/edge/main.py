@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gateway import metrics
 from gateway.contract.topics import DeviceTopic, TopicError, parse_topic, site_filter
 from gateway.edge import drivers as driver_factory
 from gateway.edge import metrics as edge_metrics
@@ -105,7 +106,9 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
     )
     started = time.time()
     failure: BaseException | None = None
-    edge_metrics.serve(config.metrics, pipeline, supervisor)  # /metrics if configured
+    registry = edge_metrics.serve(config.metrics, pipeline, supervisor)  # /metrics if configured
+    if registry is not None:
+        registry.register(metrics.EDGE_COMMANDS)  # the router's outcomes
 
     def inflight_by_channel() -> dict[str, int]:
         counts: Counter[str] = Counter()
