@@ -21,3 +21,20 @@ def test_demo_may_use_the_demo_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ELDERSAFE_MQTT_PASSWORD", raising=False)
     monkeypatch.setenv("ELDERSAFE_ENVIRONMENT", "demo")
     assert Settings().mqtt_password == DEMO_SECRET
+
+
+def test_every_server_process_has_its_own_account(monkeypatch: pytest.MonkeyPatch) -> None:
+    """broker-files writes each listed server account; this process's is always among them."""
+    monkeypatch.setenv("ELDERSAFE_ENVIRONMENT", "production")
+    monkeypatch.setenv("ELDERSAFE_MQTT_USERNAME", "server-1")
+    monkeypatch.setenv("ELDERSAFE_MQTT_PASSWORD", "one")
+    monkeypatch.setenv("ELDERSAFE_MQTT_SERVER_ACCOUNTS", '{"server-2": "two"}')
+    assert Settings().server_accounts() == {"server-1": "one", "server-2": "two"}
+    assert "two" not in repr(Settings()), "a listed password leaks into the settings' repr"
+
+    monkeypatch.setenv("ELDERSAFE_MQTT_SERVER_ACCOUNTS", '{"server-1": "other"}')
+    with pytest.raises(ValidationError, match="another password"):
+        Settings()
+    monkeypatch.setenv("ELDERSAFE_MQTT_SERVER_ACCOUNTS", f'{{"server-2": "{DEMO_SECRET}"}}')
+    with pytest.raises(ValidationError, match="demo's default"):
+        Settings()
