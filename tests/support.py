@@ -184,11 +184,13 @@ def sos_events(n: int, site: str = "site-a") -> tuple[list[str], list[tuple[str,
 
 def assert_stored_once(dsn: str, sent: list[str], within_s: float = 30) -> None:
     """Every sent event id is in the database once, and nothing else is."""
-    wait_for(
-        lambda: scalar(dsn, "SELECT count(*) FROM device_events") >= len(sent),
-        within_s,
-        f"{len(sent)} events in the database",
-    )
+    count = "SELECT count(*) FROM device_events"
+    try:
+        wait_for(lambda: scalar(dsn, count) >= len(sent), within_s, "every event")
+    except AssertionError:
+        raise AssertionError(
+            f"{scalar(dsn, count)} of {len(sent)} events in the database after {within_s} s"
+        ) from None
     with psycopg.connect(dsn) as conn:
         stored = [str(r[0]) for r in conn.execute("SELECT event_id FROM device_events")]
         ledger = conn.execute("SELECT count(*) FROM event_ledger").fetchone()

@@ -6,7 +6,8 @@
   loses the blocked batch every time.
 - The production broker config (deploy/mosquitto) keeps queued QoS 1 messages
   across a broker crash: the test waits for the broker's own save, then
-  SIGKILLs it. Without ``autosave_interval`` no save comes in time.
+  SIGKILLs it. Without ``autosave_interval`` no save comes in time; without
+  ``use_username_as_clientid`` a gateway wipes the session by its client id.
 - The server survives whatever happens to its broker (killed, restarted,
   refusing the account) with one PID, and an acknowledgement meant for a
   closed connection never reaches the next one.
@@ -126,6 +127,9 @@ def test_production_broker_keeps_queued_messages_across_a_crash(service_dir) -> 
         client.loop_stop()
         sent, messages = sos_events(50)
         assert all(rc == 0 for rc in publish_all(broker.port, *GW_A, messages))
+        # A gateway sending the subscriber's client id with clean start takes nothing
+        # over: the production config names sessions after accounts too.
+        publish_all(broker.port, *GW_A, [], client_id="server")
         acked_at_ns = time.time_ns()
         # The broker saves in its one thread, between messages: a file written after the
         # last PUBACK arrived holds every message.
