@@ -170,6 +170,7 @@ class CommandRouter:
         self.ledger_retry_max_s = ledger_retry_max_s
         self.outcomes: Counter[str] = Counter()
         self._in_progress: set[uuid.UUID] = set()
+        self._device_locks: dict[str, asyncio.Lock] = {}  # configured devices only
         self._slots = asyncio.Semaphore(max_tasks)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -187,7 +188,10 @@ class CommandRouter:
         """Resume unanswered commands, then handle messages, ``max_tasks`` at a time."""
         purge = asyncio.create_task(self._purge_loop(), name="command-ledger-purge")
         try:
-            for taken in await self.outbox.unanswered_commands():
+            unanswered = await self._durably(
+                self.outbox.unanswered_commands, "read the unanswered commands"
+            )
+            for taken in unanswered:
                 incoming = decode_command(taken.device, taken.command)
                 if isinstance(incoming, str):  # never stored so; kept for the type
                     log.error("command %s in the ledger is unreadable", taken.command_id)
@@ -260,7 +264,9 @@ class CommandRouter:
                 key,
                 incoming.device,
                 incoming.action.value,
-                message.payload if len(message.payload) <= _LENIENT_MAX else b"",
+                # as carried out after a restart: canonical when valid (bounded by the
+                # schema); an invalid one was small enough to be read for its id
+                dump(incoming.payload) if incoming.payload is not None else message.payload,
             ),
             f"take command {key}",
         )
@@ -298,11 +304,18 @@ class CommandRouter:
                 taken.outcome,
             )
             self.on_result()
-        else:
+        elif taken.outcome == RECEIVED:
             log.info(
                 "command %s for %s: seen before, still being carried out",
                 taken.command_id,
                 taken.device,
+            )
+        else:  # answered by an edge that kept no result
+            log.info(
+                "command %s for %s: answered before (%s), not carried out again",
+                taken.command_id,
+                taken.device,
+                taken.outcome,
             )
 
     async def _carry_out(self, incoming: Incoming) -> None:
@@ -367,7 +380,10 @@ class CommandRouter:
         refusal = self._beyond_capabilities(incoming.device, incoming.action)
         if refusal is not None:
             return Answer(CommandOutcome.REFUSED, refusal)
-        return await self._execute(incoming.device, incoming.payload, routes)
+        # one device's commands run one at a time, in the order they were taken
+        lock = self._device_locks.setdefault(incoming.device, asyncio.Lock())
+        async with lock:
+            return await self._execute(incoming.device, incoming.payload, routes)
 
     def _beyond_capabilities(self, device: str, action: CommandAction) -> str | None:
         """Why the device's profile does not allow ``action``, or None if it does."""
