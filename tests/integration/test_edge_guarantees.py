@@ -286,3 +286,54 @@ async def test_commands_beyond_the_receive_maximum_wait_at_the_broker(
     finally:
         collector.close()
         print(process.tail())
+
+
+async def test_a_command_taken_across_a_reconnect_is_acknowledged_on_the_new_connection(
+    broker: MosquittoInstance, sim: CallButtonReceiverSimulator, edge: Any, tmp_path: Path
+) -> None:
+    """The connection that delivered a command is gone by the time the edge has taken it:
+    its PUBACK cannot go there. The broker delivers the command again on the new
+    connection; the edge recognises it, acknowledges it there, and carries it out once."""
+    collector = SessionCollector(broker.port, f"eldersafe/v1/{SITE}/+/command/result")
+    process: EdgeProcess = edge(write_config(tmp_path, broker.port, sim.slave_path))
+    pid = process.start()
+    first, barrier = command(), command()
+    received = f"command {first.command_id} acknowledge for btn-03 received".encode()
+    connected = b"mqtt connected to"
+    try:
+        await edge_reading(tmp_path, sim, pid)
+        await edge_subscribed(tmp_path, pid)
+
+        lock = sqlite3.connect(outbox_path(tmp_path), isolation_level=None, timeout=10)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            await publish_commands(broker.port, [("btn-03", first)])
+            await until(lambda: received in process.log.read_bytes(), 10, "command received")
+            await asyncio.to_thread(broker.stop)  # keeps the unacknowledged command
+            await asyncio.to_thread(broker.start)
+            await until(
+                lambda: process.log.read_bytes().count(received) == 2,
+                30,
+                "the command delivered again on the new connection",
+            )
+            assert process.log.read_bytes().count(connected) == 2
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+
+        await until(lambda: collector.results(first.command_id) != [], 20, "the result")
+        assert len(sim.acks) == 1
+
+        # Restarted, the edge gets nothing again: the command was acknowledged. A second
+        # command behind it is the barrier (the broker keeps the order).
+        process.kill()
+        pid = process.start()
+        await edge_reading(tmp_path, sim, pid)
+        await publish_commands(broker.port, [("btn-04", barrier)])
+        await until(lambda: collector.results(barrier.command_id) != [], 20, "the barrier")
+        assert process.log.read_bytes().count(received) == 2
+        assert len(sim.acks) == 2
+        assert len(collector.results(first.command_id)) == 1
+    finally:
+        collector.close()
+        print(process.tail())
