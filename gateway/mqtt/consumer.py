@@ -277,17 +277,17 @@ class MqttConsumer:
                     break
                 transport.write(PINGREQ)
             exc = proto.lost.result() if proto.lost.done() else None
-            if self._disconnect_reason == SESSION_TAKEN_OVER:
+            if exc is not None:
+                log.warning("mqtt connection lost: %s", exc)
+            elif self._disconnect_reason is None:
+                log.warning("mqtt connection closed by the broker")
+        finally:
+            if self._disconnect_reason == SESSION_TAKEN_OVER:  # in the handshake too
                 self._incident(
                     "taken_over",
                     "another connection with this account took the session over (DISCONNECT"
                     " 0x8E); messages delivered to it are not ours to store",
                 )
-            elif exc is not None:
-                log.warning("mqtt connection lost: %s", exc)
-            else:
-                log.warning("mqtt connection closed by the broker")
-        finally:
             self.connected.clear()
             self._waiters.clear()
             if not transport.is_closing():
