@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 
 from gateway.edge.outbox import AsyncOutbox
 from gateway.mqtt.client import MqttClient
+
+log = logging.getLogger(__name__)
 
 
 async def housekeeping_loop(
@@ -29,16 +33,25 @@ async def housekeeping_loop(
     ``snapshot(outbox_pending)`` supplies the pipeline's part of the document.
     """
     tick = 0
+    pending = 0
     while True:
-        pending = await outbox.pending()
-        if tick % purge_every == 0:
-            await outbox.purge_expired()
+        outbox_error = ""
+        try:
+            pending = await outbox.pending()
+            if tick % purge_every == 0:
+                await outbox.purge_expired()
+        except sqlite3.Error as exc:
+            # a busy or failing disk is reported, not fatal: the alarm path has its own
+            # retries, and health.json is how a watchdog learns of the trouble
+            outbox_error = f"{type(exc).__name__}: {exc}"
+            log.warning("outbox housekeeping failed: %s", outbox_error)
         health = {
             "pid": os.getpid(),
             "time": time.time(),
             "connected": client.connected.is_set(),
             "mqtt_error": client.last_error,
             "outbox_pending": pending,
+            "outbox_error": outbox_error,
             "mqtt_outstanding": client.outstanding,
             **snapshot(pending),
         }
