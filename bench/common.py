@@ -15,6 +15,7 @@ from gateway.local.postgres import PostgresInstance
 from gateway.mqtt.codec import ConnAck, PubAck, encode_connect, encode_publish, read_packets
 
 SERVER = ("server", "bench-server-secret")
+PAHO = ("bench-paho", "bench-paho-secret")  # the baseline subscriber's own account (session)
 LOADER = ("gw-bench", "bench-gateway-secret")
 SITE = "bench"
 
@@ -29,6 +30,7 @@ def services(
     broker.configure(
         [
             BrokerAccount(SERVER[0], hash_password(SERVER[1]), None),
+            BrokerAccount(PAHO[0], hash_password(PAHO[1]), None),
             BrokerAccount(LOADER[0], hash_password(LOADER[1]), SITE),
         ]
     )

@@ -2,10 +2,12 @@
 
 Batches form by themselves: while one batch is being written the next one
 fills, so a quiet system commits each message at once and a busy one writes
-thousands per transaction. A message is acknowledged to the broker only after
-its batch committed. While the database is down the batch is retried with
-backoff and reading pauses at a high-water mark, so the broker keeps the rest
-in the persistent session.
+thousands per transaction. A batch closes at a bounded size, so under a
+backlog the socket keeps being read and parsed while the database writes:
+parsing and writing overlap instead of taking turns. A message is acknowledged
+to the broker only after its batch committed. While the database is down the
+batch is retried with backoff and reading pauses at a high-water mark, so the
+broker keeps the rest in the persistent session.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
 import psycopg
 
@@ -46,13 +49,24 @@ class IngestPipeline:
         self,
         store: IngestStore,
         *,
-        high_water: int = 60_000,
+        high_water: int = 100_000,
+        batch_messages: int = 8192,
+        batch_rows: int = 50_000,
     ) -> None:
         self.store = store
         self.classifier = Classifier()
+        # Reading pauses at this many messages not yet durable. QoS 1 never gets there:
+        # the broker stops at the session's Receive Maximum (65,535) unacknowledged.
+        # It bounds memory against a flood of QoS 0 telemetry while the database is away.
         self.high_water = high_water
+        # A batch closes at these sizes so that, under a backlog, the next ones fill
+        # (and are parsed) while one is written: the broker keeps sending as long as
+        # unacknowledged messages stay below the session's Receive Maximum (65,535).
+        self.batch_messages = batch_messages
+        self.batch_rows = batch_rows
         self.consumer: MqttConsumer | None = None
         self._batch = Batch()
+        self._closed: deque[Batch] = deque()  # full batches waiting for the writer
         self._wake = asyncio.Event()
         self._pending = 0
         self.batches_written = 0
@@ -64,6 +78,9 @@ class IngestPipeline:
     # Called from the socket read path for every PUBLISH: must never raise.
     def on_publish(self, epoch: int, pub: Publish) -> None:
         batch = self._batch
+        if batch.messages >= self.batch_messages or batch.telemetry_rows >= self.batch_rows:
+            self._closed.append(batch)
+            batch = self._batch = Batch()
         try:
             self.classifier.add(batch, pub.topic, pub.payload, pub.dup)
         except Exception as exc:
@@ -81,11 +98,14 @@ class IngestPipeline:
     async def run(self) -> None:
         """Write batches until cancelled; no message and no database error ends it."""
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if not self._batch:
+            if self._closed:
+                batch = self._closed.popleft()
+            elif self._batch:
+                batch, self._batch = self._batch, Batch()
+            else:
+                await self._wake.wait()
+                self._wake.clear()
                 continue
-            batch, self._batch = self._batch, Batch()
             await self._commit(batch)
             self._acknowledge(batch)
 
@@ -103,7 +123,13 @@ class IngestPipeline:
                 exc,
             )
             batch.dead = await self._isolate(batch.raw)
-        metrics.INGEST_BATCH_SECONDS.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.INGEST_BATCH_SECONDS.observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch of %d messages, %d rows durable in %.1f ms; %d waiting",
+                batch.messages, batch.telemetry_rows, elapsed * 1000, self._pending,
+            )  # fmt: skip
 
     async def _isolate(self, raw: list[tuple[str, bytes, bool]]) -> list[DeadLetter]:
         """Write ``raw`` in halves until each refused message stands alone as a dead letter.
@@ -183,7 +209,7 @@ class IngestPipeline:
         self._pending -= batch.messages
         metrics.INGEST_PENDING.set(self._pending)
         metrics.INGEST_MESSAGES.inc(batch.messages)
-        metrics.INGEST_TELEMETRY_ROWS.inc(len(batch.telemetry))
+        metrics.INGEST_TELEMETRY_ROWS.inc(batch.telemetry_rows)
         metrics.INGEST_EVENTS.inc(len(batch.events))
         for letter in batch.dead:
             metrics.DEAD_LETTERS.labels(letter.kind.value).inc()

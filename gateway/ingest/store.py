@@ -1,7 +1,12 @@
 """The ingest store: one transaction per batch, idempotent so a retry or a redelivery adds nothing.
 
-Telemetry is copied (binary COPY) into a per-connection staging table and moved
-with ON CONFLICT DO NOTHING on its natural key; events pass through the event
+Telemetry is copied (binary COPY, the buffer the classifier built) straight into
+the hypertable. Only when that collides with a row already there (a redelivery
+after a crash, a repeated message: a unique violation) is the transaction
+rolled back and run again with the telemetry copied into a per-connection
+staging table and moved with ON CONFLICT DO NOTHING on the natural key. Either
+way a batch is one transaction, so its messages are acknowledged all or none;
+events pass through the event
 ledger, so one event id is one row however often it arrives; a command result
 is one row per command id. Dead letters keep a bounded prefix of the payload
 with its full length and a digest of topic and payload: the digest is unique,
@@ -15,6 +20,7 @@ is recorded in ``unregistered_sources``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
@@ -22,7 +28,7 @@ import time
 import psycopg
 
 from gateway import metrics
-from gateway.ingest.batch import Batch, DeadLetter
+from gateway.ingest.batch import TELEMETRY_COLUMNS, Batch, DeadLetter
 
 DEAD_PAYLOAD_PREFIX = 4096  # bytes of a dead letter's payload kept (the length is kept in full)
 DEAD_TOPIC_PREFIX = 1024  # characters of a dead letter's topic kept
@@ -35,11 +41,12 @@ CREATE TEMP TABLE IF NOT EXISTS telemetry_in (
     value double precision, unit text
 ) ON COMMIT DELETE ROWS
 """
-_COPY = (
-    "COPY telemetry_in (time, site_id, device_id, metric, value, unit) FROM STDIN (FORMAT BINARY)"
-)
+_COPY_DIRECT = f"COPY telemetry ({TELEMETRY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_COPY_STAGING = f"COPY telemetry_in ({TELEMETRY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _MOVE = "INSERT INTO telemetry SELECT * FROM telemetry_in ON CONFLICT DO NOTHING"
-_TYPES = ["timestamptz", "text", "text", "text", "float8", "text"]
+# binary COPY framing: signature, flags, header extension length; trailer: field count -1
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
 
 _EVENT = """
 WITH fresh AS (
@@ -102,70 +109,104 @@ def dead_letter_row(d: DeadLetter) -> tuple[object, ...]:
 
 
 class IngestStore:
+    """Writes batches on a connection of its own, in a worker thread.
+
+    The event loop's thread parses the next messages while a batch is written:
+    a batch's round trips to PostgreSQL (COPY, the other statements, COMMIT)
+    then wait on the network and the database, not on the loop's turn between
+    two socket reads of a busy MQTT session, and the GIL is free meanwhile.
+    Only one batch is written at a time (the pipeline awaits each write).
+    """
+
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._registered: frozenset[str] = frozenset()
         self._registered_at = -1e9  # monotonic time of the last look-up
+        self.collisions = 0  # batches that took the deduplicating path
 
-    async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    async def write(self, batch: Batch) -> None:
+        """Make the batch durable (committed) or raise; safe to call again with the same batch."""
+        unregistered = await asyncio.to_thread(self._write, batch)
+        if unregistered:
+            metrics.INGEST_UNREGISTERED.inc(unregistered)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    # -- in the worker thread -------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed:
-            conn = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
-            await conn.execute(_STAGING)
-            await conn.commit()
+            conn = psycopg.Connection.connect(self.dsn, connect_timeout=5)
+            conn.execute(_STAGING)
+            conn.commit()
             self._conn = conn
         return self._conn
 
-    async def _unregistered(
-        self, cur: psycopg.AsyncCursor[tuple[object, ...]], sites: dict[str, int]
+    def _unregistered(
+        self, cur: psycopg.Cursor[tuple[object, ...]], sites: dict[str, int]
     ) -> list[tuple[str, int]]:
         """Sites of the batch not in ``sites``; the registry is read again only on a miss."""
         now = time.monotonic()
         stale = now - self._registered_at
         missing = [s for s in sites if s not in self._registered]
         if (missing and stale >= SITES_REFRESH_S) or stale >= SITES_MAX_AGE_S:
-            await cur.execute("SELECT id FROM sites")
-            self._registered = frozenset(str(r[0]) for r in await cur.fetchall())
+            cur.execute("SELECT id FROM sites")
+            self._registered = frozenset(str(r[0]) for r in cur.fetchall())
             self._registered_at = now
             missing = [s for s in sites if s not in self._registered]
         return [(s, sites[s]) for s in missing]
 
-    async def write(self, batch: Batch) -> None:
-        """Make the batch durable (committed) or raise; safe to call again with the same batch."""
-        conn = await self._connection()
+    def _write(self, batch: Batch) -> int:
+        """One transaction; returns the messages of unregistered sites it stored."""
+        conn = self._connection()
         try:
-            async with conn.transaction(), conn.cursor() as cur:
-                if batch.telemetry:
-                    async with cur.copy(_COPY) as copy:
-                        copy.set_types(_TYPES)
-                        for row in batch.telemetry:
-                            await copy.write_row(row)
-                    await cur.execute(_MOVE)
-                if batch.events:
-                    await cur.executemany(
-                        _EVENT,
-                        [
-                            (e[0], e[1], e[1], e[2], e[3], e[4], e[5], e[6], e[7])
-                            for e in batch.events
-                        ],
-                    )
-                if batch.statuses:
-                    await cur.executemany(_STATUS, list(batch.statuses.values()))
-                if batch.command_results:
-                    await cur.executemany(_COMMAND_RESULT, batch.command_results)
-                if batch.dead:
-                    await cur.executemany(_DEAD, [dead_letter_row(d) for d in batch.dead])
-                unregistered = await self._unregistered(cur, batch.sites) if batch.sites else []
-                if unregistered:
-                    await cur.executemany(_UNREGISTERED, unregistered)
+            try:
+                return self._transaction(conn, batch, direct=True)
+            except psycopg.errors.UniqueViolation:
+                # a row of the batch is stored already (a redelivery after a crash, a
+                # repeated message): the same transaction again, deduplicating
+                self.collisions += 1
+                return self._transaction(conn, batch, direct=False)
         except BaseException:
-            await self.close()
+            self._close()
             raise
-        if unregistered:
-            metrics.INGEST_UNREGISTERED.inc(sum(n for _, n in unregistered))
 
-    async def close(self) -> None:
+    def _transaction(
+        self, conn: psycopg.Connection[tuple[object, ...]], batch: Batch, *, direct: bool
+    ) -> int:
+        with conn.transaction(), conn.cursor() as cur:
+            if batch.telemetry_rows:
+                # COPY straight into the hypertable: no staging table, no ON CONFLICT
+                self._copy(cur, _COPY_DIRECT if direct else _COPY_STAGING, batch.copy)
+                if not direct:
+                    cur.execute(_MOVE)
+            if batch.events:
+                cur.executemany(
+                    _EVENT,
+                    [(e[0], e[1], e[1], e[2], e[3], e[4], e[5], e[6], e[7]) for e in batch.events],
+                )
+            if batch.statuses:
+                cur.executemany(_STATUS, list(batch.statuses.values()))
+            if batch.command_results:
+                cur.executemany(_COMMAND_RESULT, batch.command_results)
+            if batch.dead:
+                cur.executemany(_DEAD, [dead_letter_row(d) for d in batch.dead])
+            unregistered = self._unregistered(cur, batch.sites) if batch.sites else []
+            if unregistered:
+                cur.executemany(_UNREGISTERED, unregistered)
+        return sum(n for _, n in unregistered)
+
+    @staticmethod
+    def _copy(cur: psycopg.Cursor[tuple[object, ...]], statement: str, rows: bytearray) -> None:
+        with cur.copy(statement) as copy:
+            copy.write(_COPY_HEADER)
+            copy.write(rows)
+            copy.write(_COPY_TRAILER)
+
+    def _close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # a broken connection may fail to close
-                await self._conn.close()
+                self._conn.close()
             self._conn = None

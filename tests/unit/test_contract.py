@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.contract import schemas_io
@@ -212,11 +214,15 @@ def test_the_window_follows_the_clock_at_validation_time(monkeypatch: pytest.Mon
     from gateway.contract import payloads
 
     t = "2030-06-01T12:00:00Z"
-    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 11, 59, 59, tzinfo=UTC))
+    monkeypatch.setattr(
+        payloads, "clock", lambda: datetime(2030, 5, 31, 11, 59, 59, tzinfo=UTC).timestamp()
+    )
     with pytest.raises(ValidationError) as exc:
         EventPayload.model_validate_json(_event(time=t))
     assert _error_types(exc) == {"time_window"}
-    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 0, tzinfo=UTC))
+    monkeypatch.setattr(
+        payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 0, tzinfo=UTC).timestamp()
+    )
     assert EventPayload.model_validate_json(_event(time=t)).time == datetime(
         2030, 6, 1, 12, tzinfo=UTC
     )
@@ -226,7 +232,9 @@ def test_the_window_follows_the_clock_at_validation_time(monkeypatch: pytest.Mon
             '{"metric":"x","value":2,"time":"2030-06-01T12:00:01Z"}]}'
         )
     assert "readings.1.time" in str(exc.value)
-    monkeypatch.setattr(payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 1, tzinfo=UTC))
+    monkeypatch.setattr(
+        payloads, "clock", lambda: datetime(2030, 5, 31, 12, 0, 1, tzinfo=UTC).timestamp()
+    )
     with pytest.raises(ValidationError):  # the model the edge builds is checked the same way
         CommandResultPayload(
             v=1, command_id=uuid.uuid4(), action=CommandAction.LOCATE,
@@ -285,3 +293,28 @@ def test_a_command_result_becomes_a_row_and_a_command_is_ignored() -> None:
         (result.command_id, "home", "ef-1", "hush", "refused", "not an es-sd1", None, None,
          result.time)
     ]  # fmt: skip
+
+
+@given(
+    at=st.datetimes(min_value=datetime(2030, 5, 29), max_value=datetime(2030, 6, 3)),
+    offset_s=st.integers(-86399, 86399),
+)
+def test_the_window_fast_path_agrees_with_exact_comparison(at: datetime, offset_s: int) -> None:
+    """``check_window`` compares wall-clock fields first; it must decide like an exact
+    comparison of instants for every offset."""
+    from datetime import timedelta, timezone
+
+    from gateway.contract import payloads
+
+    now = datetime(2030, 5, 31, 12, 0, 0, 250_000, tzinfo=UTC)
+    value = at.replace(tzinfo=timezone(timedelta(seconds=offset_s)))
+    late = value > now + timedelta(hours=24)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(payloads, "clock", now.timestamp)
+        limit = payloads.window_limit()
+    try:
+        payloads.check_window("time", value, limit)
+        refused = False
+    except Exception:
+        refused = True
+    assert refused == late
