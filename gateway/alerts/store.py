@@ -53,7 +53,9 @@ _HEAD = """
 INSERT INTO alert_audit_heads (alert_id, seq, hash) VALUES (%s, %s, %s)
 ON CONFLICT (alert_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
 """
-_CHANGE = "INSERT INTO alert_changes (alert_id, time, action, alert) VALUES (%s, %s, %s, %s)"
+_CHANGE = """
+INSERT INTO alert_changes (alert_id, seq, time, action, alert) VALUES (%s, %s, %s, %s, %s)
+"""
 _STEP = """
 INSERT INTO alert_steps (step_id, alert_id, epoch, kind, level, n, due_at, fired_at, fired_by)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -164,10 +166,10 @@ class PgAlertTransaction:
                 # roll back and apply again — it will then find that alert and count a repeat.
                 raise StoreError(f"alert {t.after.dedup_key} opened concurrently: {exc}",
                                  recoverable=True) from exc
-            await self._append(t.audit)
+            seq = await self._append(t.audit)
             await self.conn.execute(
                 _CHANGE,
-                (t.after.id, t.audit.time, t.audit.action.value, Jsonb(alert_json(t.after))),
+                (t.after.id, seq, t.audit.time, t.audit.action.value, Jsonb(alert_json(t.after))),
             )
 
     async def audit(self, entries: Sequence[AuditEntry]) -> None:
@@ -184,7 +186,7 @@ class PgAlertTransaction:
             self._heads[alert_id] = ChainHead(alert_id, row[0], bytes(row[1])) if row else None
         return self._heads[alert_id]
 
-    async def _append(self, entry: AuditEntry) -> None:
+    async def _append(self, entry: AuditEntry) -> int:
         row, head = chain_entry(entry, await self._head(entry.alert_id))
         await self.conn.execute(
             _AUDIT,
@@ -193,6 +195,7 @@ class PgAlertTransaction:
         )  # fmt: skip
         await self.conn.execute(_HEAD, (head.alert_id, head.seq, head.hash))
         self._heads[entry.alert_id] = head
+        return head.seq
 
     async def fired_steps(self, alert_id: uuid.UUID, epoch: int) -> frozenset[StepKey]:
         fired = await self.fired_steps_of([alert_id])

@@ -21,6 +21,7 @@ from alerting.lifecycle import acknowledge
 from alerting.model import Channel, staff_actor
 from alerting.ports import ManualClock
 from gateway.alerts.district import District, import_district
+from gateway.alerts.feed import changes_after
 from gateway.alerts.unit_of_work import SITE_LOCK_SPACE, command, intake_batch, timers_tick
 
 T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai: waking hours
@@ -229,7 +230,9 @@ async def test_two_workers_never_fire_a_step_twice(district: str) -> None:
         # Inbox: the test holds the row; a worker skips it rather than waiting or taking it.
         async with hold.transaction():
             await hold.execute("SELECT * FROM engine_inbox FOR UPDATE")
-            assert (await intake_batch(b, T0, worker="b")).events == 0
+            # (a worker that waits instead of skipping fails here, not hangs)
+            skipped = await asyncio.wait_for(intake_batch(b, T0, worker="b"), 5)
+            assert skipped.events == 0
         done = await asyncio.gather(
             intake_batch(a, T0, worker="a"), intake_batch(b, T0, worker="b")
         )
@@ -239,7 +242,8 @@ async def test_two_workers_never_fire_a_step_twice(district: str) -> None:
         at = T0 + timedelta(seconds=60)
         async with hold.transaction():
             await hold.execute("SELECT * FROM alerts FOR UPDATE")
-            assert (await timers_tick(b, at, worker="b")).steps == 0
+            skipped = await asyncio.wait_for(timers_tick(b, at, worker="b"), 5)
+            assert skipped.steps == 0
         done = await asyncio.gather(timers_tick(a, at, worker="a"), timers_tick(b, at, worker="b"))
         assert sum(o.steps for o in done) == 1
         # And when a stale worker's view slips past the lock, the step key refuses it.
@@ -375,3 +379,34 @@ def test_district_import_is_idempotent_and_all_or_nothing(
     refused = eldersafe("district-import", str(path), env=env)
     assert refused.returncode == 1 and "nowhere" in refused.stderr, refused.stderr
     assert rows(database, counts) == once
+
+
+async def test_change_feed_never_passes_a_position_an_open_transaction_may_fill(
+    district: str,
+) -> None:
+    """A writer that took its xid first and inserts its change after a later writer committed
+    (and one that inserted first and commits last): the feed misses neither."""
+    dsn = district
+    forged = (
+        "INSERT INTO alert_changes (alert_id, seq, time, action, alert)"
+        " VALUES (gen_random_uuid(), 1, now(), 'opened', '{}') RETURNING position"
+    )
+    seen: list[int] = []
+
+    async def read(reader: psycopg.AsyncConnection[Any]) -> None:
+        while batch := await changes_after(reader, seen[-1] if seen else None):
+            seen.extend(c.position for c in batch)
+
+    async with await connect(dsn) as early, await connect(dsn) as slow, await connect(dsn) as r:
+        async with early.transaction(), slow.transaction():
+            await early.execute("SELECT pg_current_xact_id()")  # xid now, change row later
+            slow_pos = (await (await slow.execute(forged)).fetchone())[0]  # type: ignore[index]
+            ingest(dsn, "site-a", "wb-1", "sos")
+            await drain(dsn, T0)  # commits changes at positions above slow_pos
+            await read(r)
+            assert seen == [], "nothing passes the open transactions"
+            early_pos = (await (await early.execute(forged)).fetchone())[0]  # type: ignore[index]
+        await read(r)
+    every = [p for (p,) in rows(dsn, "SELECT position FROM alert_changes")]
+    assert sorted(seen) == sorted(every) and len(seen) == len(set(seen))
+    assert early_pos > slow_pos and seen.index(early_pos) < seen.index(slow_pos)

@@ -90,17 +90,21 @@ CREATE TABLE downlink_outbox (
 CREATE INDEX downlink_outbox_pending ON downlink_outbox (created_at) WHERE published_at IS NULL;
 
 -- The ordered change log the live feed serves and resumes from. A position is
--- given at insert, not at commit, so a reader only takes rows whose writing
--- transaction is older than every transaction still running (xid below the
--- snapshot's xmin): then no smaller position can still appear.
+-- given at insert, not at commit, so a reader must not pass a position that an
+-- unfinished transaction may still fill: the feed runs in (xid, position) order
+-- and only over transactions older than every one still running (xid below the
+-- snapshot's xmin), a set that never grows behind the reader (gateway.alerts.feed).
+-- seq is the alert's audit seq: a client keeps, per alert, the highest it saw.
 CREATE TABLE alert_changes (
     position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     xid      xid8 NOT NULL DEFAULT pg_current_xact_id(),
     alert_id uuid NOT NULL,
+    seq      bigint NOT NULL,
     time     timestamptz NOT NULL,
     action   text NOT NULL,
     alert    jsonb NOT NULL
 );
+CREATE INDEX alert_changes_feed ON alert_changes (xid, position);
 CREATE INDEX alert_changes_alert ON alert_changes (alert_id, position);
 
 -- The engine inbox: one row per committed device event, written by the trigger
