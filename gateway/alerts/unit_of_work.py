@@ -21,13 +21,29 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from alerting.conditions import (
+    InvalidReading,
+    ThresholdRule,
+    ThresholdState,
+    evaluate_threshold,
+    threshold_rule_for,
+)
 from alerting.engine import Effects, settle
 from alerting.lifecycle import Command, IllegalTransition, Transition, transition
 from alerting.model import Alert
 from alerting.pipeline import Batch, Escalate, PlannedStep
 from alerting.planner import StepKey
 from alerting.ports import StoreError
-from alerting.rules import EngineEvent, EventKind, Phase, decide, dedup_keys
+from alerting.rules import (
+    ConditionSignal,
+    EngineEvent,
+    EventKind,
+    Phase,
+    decide,
+    decide_signal,
+    dedup_keys,
+    signal_key,
+)
 from gateway.alerts.directory import Directory, load_policy_book
 from gateway.alerts.store import PgAlertTransaction
 
@@ -260,3 +276,115 @@ async def command(
         change = transition(alert, make(alert), now)
         await _settle_and_persist(tx, directory, [change], now, out)
     return out
+
+
+_CLAIM_READINGS = f"""
+SELECT id, time, site_id, device_id, metric, value FROM condition_inbox
+WHERE pg_try_advisory_xact_lock({SITE_LOCK_SPACE}, hashtext(site_id))
+ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+_STATE = """
+SELECT state, last_time FROM condition_state
+WHERE site_id = %s AND device_id = %s AND metric = %s FOR UPDATE
+"""
+_SAVE_STATE = """
+INSERT INTO condition_state (site_id, device_id, metric, state, last_time)
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (site_id, device_id, metric) DO UPDATE SET
+    state = excluded.state, last_time = excluded.last_time, updated_at = now()
+"""
+
+
+def _state_from_json(doc: dict[str, Any]) -> ThresholdState:
+    return ThresholdState(
+        int(doc["level"]), tuple(doc["runs_above"]), tuple(doc["runs_below"])
+    )
+
+
+def _state_json(state: ThresholdState) -> dict[str, Any]:
+    return {
+        "level": state.level,
+        "runs_above": list(state.runs_above),
+        "runs_below": list(state.runs_below),
+    }
+
+
+async def apply_signal(
+    tx: PgAlertTransaction,
+    directory: Directory,
+    signal: ConditionSignal,
+    now: datetime,
+    out: Outcome,
+) -> None:
+    open_alerts = await tx.lock_open([signal_key(signal)])
+    decision = decide_signal(signal, open_alerts)
+    if decision.ignored is not None:
+        out.ignored += 1
+        return
+    await _settle_and_persist(tx, directory, decision.transitions, now, out)
+
+
+async def conditions_batch(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 200, worker: str = "engine"
+) -> Outcome:
+    """Judge queued threshold readings (SKIP LOCKED, one worker per site at a time) with
+    the state kept per (site, device, metric); a level change goes through the rules."""
+    out = Outcome()
+    async with conn.transaction():
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_CLAIM_READINGS, (limit,))
+            readings = await cur.fetchall()
+        if not readings:
+            return out
+        tx = PgAlertTransaction(conn, worker)
+        directory = Directory(conn, await load_policy_book(conn))
+        readings.sort(key=lambda r: (r["site_id"], r["device_id"], r["metric"], r["time"]))
+        series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for r in readings:
+            series.setdefault((r["site_id"], r["device_id"], r["metric"]), []).append(r)
+        for (site_id, device_id, metric), items in series.items():
+            rule = threshold_rule_for(metric)
+            if rule is not None:
+                await _judge(tx, directory, rule, site_id, device_id, metric, items, now, out)
+            out.events += len(items)
+        await conn.execute(
+            "DELETE FROM condition_inbox WHERE id = ANY(%s)", ([r["id"] for r in readings],)
+        )
+    return out
+
+
+async def _judge(
+    tx: PgAlertTransaction,
+    directory: Directory,
+    rule: ThresholdRule,
+    site_id: str,
+    device_id: str,
+    metric: str,
+    items: list[dict[str, Any]],
+    now: datetime,
+    out: Outcome,
+) -> None:
+    cur = await tx.conn.execute(_STATE, (site_id, device_id, metric))
+    row = await cur.fetchone()
+    state = _state_from_json(row[0]) if row else ThresholdState()
+    last: datetime | None = row[1] if row else None
+    for r in items:
+        if last is not None and r["time"] <= last:
+            out.ignored += 1  # late or repeated: the runs are judged in time order
+            continue
+        try:
+            outcome = evaluate_threshold(
+                rule, state, site_id=site_id, device_id=device_id, metric=metric,
+                value=r["value"], at=r["time"],
+            )  # fmt: skip
+        except InvalidReading as exc:
+            log.error("reading refused by the threshold rules: %s", exc)
+            out.dead += 1
+            continue
+        state, last = outcome.state, r["time"]
+        if outcome.signal is not None:
+            await apply_signal(tx, directory, outcome.signal, now, out)
+    if last is not None:
+        await tx.conn.execute(
+            _SAVE_STATE, (site_id, device_id, metric, Jsonb(_state_json(state)), last)
+        )

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import psycopg
 
 from gateway import metrics
-from gateway.alerts.unit_of_work import Outcome, intake_batch, timers_tick
+from gateway.alerts.unit_of_work import Outcome, conditions_batch, intake_batch, timers_tick
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,12 @@ class EngineWorkers:
             while True:
                 now = await engine_now(work, self.clock)
                 out = await intake_batch(work, now, self.batch, self.name)
+                readings = await conditions_batch(work, now, self.batch * 4, self.name)
                 _count(out)
-                if out.events < self.batch:
-                    await _wait(listen, self.poll_s if not out.events else 0)
+                _count(readings)
+                if out.events < self.batch and readings.events < self.batch * 4:
+                    busy = out.events or readings.events
+                    await _wait(listen, 0 if busy else self.poll_s)
 
     async def _timers(self) -> None:
         async with (

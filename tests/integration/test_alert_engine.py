@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import uuid
@@ -17,12 +18,19 @@ import psycopg
 import pytest
 import yaml
 
+from alerting.conditions import THRESHOLD_RULES
 from alerting.lifecycle import acknowledge
 from alerting.model import Channel, staff_actor
 from alerting.ports import ManualClock
 from gateway.alerts.district import District, import_district
 from gateway.alerts.feed import changes_after
-from gateway.alerts.unit_of_work import SITE_LOCK_SPACE, command, intake_batch, timers_tick
+from gateway.alerts.unit_of_work import (
+    SITE_LOCK_SPACE,
+    command,
+    conditions_batch,
+    intake_batch,
+    timers_tick,
+)
 
 T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai: waking hours
 
@@ -410,3 +418,50 @@ async def test_change_feed_never_passes_a_position_an_open_transaction_may_fill(
     every = [p for (p,) in rows(dsn, "SELECT position FROM alert_changes")]
     assert sorted(seen) == sorted(every) and len(seen) == len(set(seen))
     assert early_pos > slow_pos and seen.index(early_pos) < seen.index(slow_pos)
+
+
+async def test_residual_current_warns_at_240_alarms_at_300_twice_clears_below_the_band(
+    district: str,
+) -> None:
+    dsn = district
+    series = [200, 245, 250, 290, 305, 310, 280, 260, 250, 210, 200]
+    with psycopg.connect(dsn) as conn:
+        for i, value in enumerate(series):  # as ingest writes telemetry
+            conn.execute(
+                "INSERT INTO telemetry (time, site_id, device_id, metric, value, unit)"
+                " VALUES (%s, 'site-a', 'ef-1', 'residual_current_ma', %s, 'mA')",
+                (T0 + timedelta(seconds=10 * i), value),
+            )
+        conn.execute(  # any other metric is not queued
+            "INSERT INTO telemetry (time, site_id, device_id, metric, value)"
+            " VALUES (%s, 'site-a', 'wb-1', 'heart_rate', 70)", (T0,),
+        )  # fmt: skip
+    assert rows(dsn, "SELECT count(*) FROM condition_inbox") == [(len(series),)]
+    later = T0 + timedelta(minutes=2)  # the engine's clock, after the readings
+    async with await connect(dsn) as conn:
+        assert (await conditions_batch(conn, later, limit=3)).events == 3  # 200, 245, 250
+        assert rows(dsn, "SELECT type, severity, status FROM alerts") == [
+            ("electrical", "minor", "open")  # the early warning: two readings >= 240
+        ]
+        await conditions_batch(conn, later, limit=3)  # 290, 305, 310
+        assert rows(dsn, "SELECT severity, status FROM alerts") == [("major", "open")]
+        await conditions_batch(conn, later, limit=3)  # 280, 260, 250: eased to a warning
+        assert rows(dsn, "SELECT status FROM alerts") == [("open",)]
+        await conditions_batch(conn, later, limit=3)  # 210, 200: below 216 twice
+    assert rows(dsn, "SELECT status, outcome, count(*) OVER () FROM alerts") == [
+        ("resolved", "cleared", 1)
+    ]
+    assert rows(dsn, "SELECT count(*) FROM condition_inbox") == [(0,)]
+    actions = [a for (a,) in rows(dsn, "SELECT action FROM alert_audit ORDER BY seq")]
+    assert actions[:2] == ["opened", "escalated"]
+    assert "severity_raised" in actions and actions[-1] == "resolved"
+
+
+async def test_threshold_metrics_of_the_trigger_are_the_rules_metrics(database: str) -> None:
+    """The trigger's WHEN list is SQL; it must name exactly the rules' metrics."""
+    (definition,) = rows(
+        database, "SELECT pg_get_triggerdef(oid) FROM pg_trigger"
+        " WHERE tgname = 'telemetry_condition_inbox'",
+    )[0]  # fmt: skip
+    named = set(re.findall(r"'([a-z0-9_]+)'::text", definition))
+    assert named == set().union(*(r.metrics for r in THRESHOLD_RULES))

@@ -144,6 +144,29 @@ END $$;
 CREATE TRIGGER device_events_engine_inbox AFTER INSERT ON device_events
     FOR EACH ROW EXECUTE FUNCTION engine_inbox_enqueue();
 
+-- Server-side thresholds (alerting.conditions.THRESHOLD_RULES): the readings of
+-- their metrics, and only those, are queued for the engine in ingest's own
+-- transaction, like events (the WHEN clause keeps every other reading untouched).
+CREATE TABLE condition_inbox (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    time        timestamptz NOT NULL,
+    site_id     text NOT NULL,
+    device_id   text NOT NULL,
+    metric      text NOT NULL,
+    value       double precision NOT NULL
+);
+CREATE FUNCTION condition_inbox_enqueue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO condition_inbox (time, site_id, device_id, metric, value)
+    VALUES (NEW.time, NEW.site_id, NEW.device_id, NEW.metric, NEW.value);
+    PERFORM pg_notify('engine_inbox', '');
+    RETURN NULL;
+END $$;
+CREATE TRIGGER telemetry_condition_inbox AFTER INSERT ON telemetry FOR EACH ROW
+    WHEN (NEW.metric IN ('residual_current_ma', 'cable_temp_c_1', 'cable_temp_c_2',
+                         'cable_temp_c_3', 'cable_temp_c_4'))
+    EXECUTE FUNCTION condition_inbox_enqueue();
+
 -- Directory: messaging targets, the bureau's webhook, residents' own thresholds.
 ALTER TABLE organisations ADD COLUMN webhook_url text, ADD COLUMN apprise_url text;
 ALTER TABLE staff ADD COLUMN apprise_url text;
@@ -183,6 +206,7 @@ CREATE TABLE condition_state (
     device_id  text NOT NULL,
     metric     text NOT NULL,
     state      jsonb NOT NULL,
+    last_time  timestamptz NOT NULL,  -- newest reading judged: older ones arrive too late
     check_at   timestamptz,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (site_id, device_id, metric)
