@@ -182,9 +182,15 @@ class TelemetryPayload(_Strict):
         # one clock read per message, not per reading (ingest's hot path)
         limit = window_limit()
         check_window("time", self.time, limit)
+        surely_in = limit - _DAY_US  # check_window's first test, inlined: up to 1000 readings
         for i, reading in enumerate(self.readings):
-            if reading.time is not None:
-                check_window(("readings", i, "time"), reading.time, limit)
+            t = reading.time
+            if t is not None and (
+                (t.toordinal() * _DAY_S + t.hour * 3600 + t.minute * 60 + t.second) * 1_000_000
+                + t.microsecond
+                > surely_in
+            ):
+                check_window(("readings", i, "time"), t, limit)
         return self
 
 

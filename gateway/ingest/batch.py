@@ -120,7 +120,7 @@ def pg_time(t: datetime) -> int:
         (t.toordinal() - _ORDINAL_2000) * 86400 + t.hour * 3600 + t.minute * 60 + t.second
         - (offset.days * 86400 + offset.seconds if offset is not None else 0)
     )  # fmt: skip
-    return seconds * 1_000_000 + t.microsecond
+    return seconds * 1_000_000 + t.microsecond - (offset.microseconds if offset is not None else 0)
 
 
 def _text_field(value: str) -> bytes:
@@ -209,14 +209,24 @@ class Classifier:
             if channel is Channel.TELEMETRY:
                 msg = _validate_telemetry(payload)
                 default_time = pg_time(msg.time)
-                text = self._text
+                texts, text = self._texts, self._text
                 rows = bytearray()  # appended whole, so a failure leaves the batch untouched
-                for r in msg.readings:
-                    rows += _ROW_HEAD(6, 8, default_time if r.time is None else pg_time(r.time))
+                for r in msg.readings:  # the hot loop: pg_time and the text cache inlined
+                    at = r.time
+                    if at is None:
+                        us = default_time
+                    else:
+                        off = at.utcoffset()
+                        assert off is not None  # AwareDatetime
+                        us = (
+                            (at.toordinal() - _ORDINAL_2000) * 86400 + at.hour * 3600
+                            + at.minute * 60 + at.second - off.days * 86400 - off.seconds
+                        ) * 1_000_000 + at.microsecond - off.microseconds  # fmt: skip
+                    rows += _ROW_HEAD(6, 8, us)
                     rows += fields
-                    rows += text(r.metric)
+                    rows += texts.get(r.metric) or text(r.metric)
                     rows += _VALUE(8, r.value)
-                    rows += text(r.unit)
+                    rows += texts.get(r.unit) or text(r.unit)
                 batch.copy += rows
                 batch.telemetry_rows += len(msg.readings)
             elif channel is Channel.EVENT:

@@ -318,3 +318,46 @@ def test_the_window_fast_path_agrees_with_exact_comparison(at: datetime, offset_
     except Exception:
         refused = True
     assert refused == late
+
+
+def test_binary_copy_rows_hold_exact_times_and_values() -> None:
+    """The classifier writes PostgreSQL's binary COPY rows itself: check them field by field."""
+    import struct
+    from datetime import timedelta, timezone
+
+    from gateway.ingest.batch import Batch, Classifier, pg_time
+
+    pg_epoch = datetime(2000, 1, 1, tzinfo=UTC)
+    for t in [
+        datetime(2026, 11, 22, 8, 0, 0, 123456, tzinfo=timezone(timedelta(hours=8))),
+        datetime(2000, 1, 1, tzinfo=timezone(timedelta(hours=-14))),
+        datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=5, minutes=45, microseconds=1))),
+    ]:
+        assert pg_time(t) == (t - pg_epoch) // timedelta(microseconds=1)
+    batch = Batch()
+    Classifier().add(
+        batch,
+        "eldersafe/v1/home-1/wb-1/telemetry",
+        b'{"v":1,"time":"2026-11-22T08:00:00Z","readings":['
+        b'{"metric":"spo2","value":97.5,"unit":"%","time":"2026-11-22T16:00:00.5+08:00"},'
+        b'{"metric":"hr","value":-1e300}]}',
+    )
+    assert batch.telemetry_rows == 2 and not batch.dead
+    rows, pos = [], 0
+    data = bytes(batch.copy)
+    while pos < len(data):
+        (count,) = struct.unpack_from("!h", data, pos)
+        pos += 2
+        fields = []
+        for _ in range(count):
+            (n,) = struct.unpack_from("!i", data, pos)
+            fields.append(data[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        rows.append(fields)
+    at = pg_epoch + timedelta(microseconds=struct.unpack("!q", rows[0][0])[0])
+    assert at == datetime(2026, 11, 22, 8, 0, 0, 500000, tzinfo=UTC)
+    assert [r[1:4] for r in rows] == [[b"home-1", b"wb-1", b"spo2"], [b"home-1", b"wb-1", b"hr"]]
+    assert [struct.unpack("!d", r[4])[0] for r in rows] == [97.5, -1e300]
+    assert [r[5] for r in rows] == [b"%", b""]
+    at = pg_epoch + timedelta(microseconds=struct.unpack("!q", rows[1][0])[0])
+    assert at == datetime(2026, 11, 22, 8, 0, tzinfo=UTC)  # the message's time
