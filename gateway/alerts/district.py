@@ -186,6 +186,13 @@ def import_district(dsn: str, district: District) -> dict[str, int]:
             ).fetchone()  # fmt: skip
             assert row is not None
             resident_ids[r.id] = row[0]
+            if r.lives_alone:  # the welfare check watches whoever lives alone
+                conn.execute(
+                    "INSERT INTO inactivity_watch (resident_id) VALUES (%s)"
+                    " ON CONFLICT DO NOTHING", (row[0],),
+                )  # fmt: skip
+            else:
+                conn.execute("DELETE FROM inactivity_watch WHERE resident_id = %s", (row[0],))
             conn.execute("DELETE FROM family_contacts WHERE resident_id = %s", (row[0],))
             for rank, f in enumerate(r.family):
                 conn.execute(

@@ -14,17 +14,22 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from alerting.conditions import (
+    ACTIVITY_RULES,
+    InactivityProfile,
     InvalidReading,
+    NightHours,
     ThresholdRule,
     ThresholdState,
+    evaluate_inactivity,
     evaluate_threshold,
     threshold_rule_for,
 )
@@ -388,3 +393,82 @@ async def _judge(
         await tx.conn.execute(
             _SAVE_STATE, (site_id, device_id, metric, Jsonb(_state_json(state)), last)
         )
+
+
+_CLAIM_WATCHES = """
+SELECT w.resident_id, w.last_activity, w.raised, r.site_id, r.inactivity_window_min,
+       r.timezone, r.night_start, r.night_end,
+       coalesce((SELECT d.id FROM devices d WHERE d.resident_id = r.id ORDER BY d.id LIMIT 1),
+                'resident-' || r.id) AS device_id
+FROM inactivity_watch w JOIN residents r ON r.id = w.resident_id
+WHERE w.check_at <= %s
+ORDER BY w.check_at LIMIT %s FOR UPDATE OF w SKIP LOCKED
+"""
+# The newest reading that shows the resident up and about, from the site's devices
+# (wristband movement, the home's electricity use); the telemetry key index serves it.
+_LAST_ACTIVITY = """
+SELECT max(t.time) FROM telemetry t JOIN devices d ON d.site_id = t.site_id AND d.id = t.device_id
+WHERE t.site_id = %s AND t.metric = %s AND t.value >= %s AND t.time <= %s
+  AND (d.resident_id = %s OR d.resident_id IS NULL)
+"""
+_WATCHED = "UPDATE inactivity_watch SET last_activity = %s, raised = %s, check_at = %s"
+_WATCHED += " WHERE resident_id = %s"
+RECHECK_RAISED = timedelta(minutes=1)  # how soon a raised check looks for movement again
+
+
+async def inactivity_sweep(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 200, worker: str = "engine"
+) -> Outcome:
+    """Welfare checks whose time has come: overdue → an inactivity alert; movement again
+    → it clears. Each watch sleeps until its due time (waking hours only)."""
+    out = Outcome()
+    async with conn.transaction():
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_CLAIM_WATCHES, (now, limit))
+            watches = await cur.fetchall()
+        if not watches:
+            return out
+        tx = PgAlertTransaction(conn, worker)
+        directory = Directory(conn, await load_policy_book(conn))
+        for w in watches:
+            await _check_watch(tx, directory, w, now, out)
+            out.events += 1
+    return out
+
+
+async def _check_watch(
+    tx: PgAlertTransaction, directory: Directory, w: dict[str, Any], now: datetime, out: Outcome
+) -> None:
+    profile = InactivityProfile(
+        window=timedelta(minutes=w["inactivity_window_min"]),
+        night=NightHours(w["night_start"], w["night_end"]),
+        tz=ZoneInfo(w["timezone"]),
+    )
+    newest: datetime | None = None
+    for rule in ACTIVITY_RULES.values():
+        cur = await tx.conn.execute(
+            _LAST_ACTIVITY, (w["site_id"], rule.metric, rule.min_value, now, w["resident_id"])
+        )
+        row = await cur.fetchone()
+        if row and row[0] is not None and (newest is None or row[0] > newest):
+            newest = row[0]
+    known: datetime | None = w["last_activity"]
+    seen = [t for t in (known, newest) if t is not None]
+    last = max(seen) if seen else now  # never looked, nothing seen: watch from now
+    verdict = evaluate_inactivity(profile, last, now)
+    raised: bool = w["raised"]
+    signal: ConditionSignal | None = None
+    source = f"resident-{w['resident_id']}"
+    if verdict.overdue and not raised:
+        note = f"no activity for {verdict.awake_inactive} of waking time since {last.isoformat()}"
+        signal = ConditionSignal("inactivity", w["site_id"], w["device_id"], source, True, now,
+                                 note=note)  # fmt: skip
+        raised = True
+    elif raised and not verdict.overdue:
+        signal = ConditionSignal("inactivity", w["site_id"], w["device_id"], source, False, now,
+                                 note=f"activity at {last.isoformat()}")  # fmt: skip
+        raised = False
+    if signal is not None:
+        await apply_signal(tx, directory, signal, now, out)
+    check_at = now + RECHECK_RAISED if raised else verdict.due_at
+    await tx.conn.execute(_WATCHED, (last, raised, check_at, w["resident_id"]))

@@ -23,7 +23,13 @@ from typing import Any, Literal
 import psycopg
 
 from gateway import metrics
-from gateway.alerts.unit_of_work import Outcome, conditions_batch, intake_batch, timers_tick
+from gateway.alerts.unit_of_work import (
+    Outcome,
+    conditions_batch,
+    inactivity_sweep,
+    intake_batch,
+    timers_tick,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,7 @@ class EngineWorkers:
             while True:
                 now = await engine_now(work, self.clock)
                 out = await timers_tick(work, now, self.batch, self.name)
+                await inactivity_sweep(work, now, self.batch, self.name)
                 _count(out)
                 if len(out.alerts) >= self.batch:
                     continue

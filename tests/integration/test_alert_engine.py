@@ -13,6 +13,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -28,6 +29,7 @@ from gateway.alerts.unit_of_work import (
     SITE_LOCK_SPACE,
     command,
     conditions_batch,
+    inactivity_sweep,
     intake_batch,
     timers_tick,
 )
@@ -465,3 +467,41 @@ async def test_threshold_metrics_of_the_trigger_are_the_rules_metrics(database: 
     )[0]  # fmt: skip
     named = set(re.findall(r"'([a-z0-9_]+)'::text", definition))
     assert named == set().union(*(r.metrics for r in THRESHOLD_RULES))
+
+
+def activity(dsn: str, at: datetime, value: float = 5.0) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO telemetry (time, site_id, device_id, metric, value)"
+            " VALUES (%s, 'site-a', 'wb-1', 'activity', %s)", (at, value),
+        )  # fmt: skip
+
+
+async def test_elder_living_alone_without_movement_raises_inactivity_outside_night_hours(
+    district: str,
+) -> None:
+    dsn = district
+    with psycopg.connect(dsn) as conn:
+        conn.execute("UPDATE residents SET inactivity_window_min = 120")
+    local = ZoneInfo("Asia/Shanghai")
+    evening = datetime(2026, 11, 23, 21, 0, tzinfo=local)  # 1 h awake, then night from 22:00
+    activity(dsn, evening)
+    activity(dsn, evening + timedelta(minutes=5), value=0.0)  # worn, no movement
+    async with await connect(dsn) as conn:
+        assert (await inactivity_sweep(conn, evening + timedelta(minutes=10))).events == 1
+        for at in (datetime(2026, 11, 23, 23, 30, tzinfo=local),  # 2.5 h, but asleep
+                   datetime(2026, 11, 24, 7, 29, tzinfo=local)):  # fmt: skip
+            await inactivity_sweep(conn, at)
+            assert rows(dsn, "SELECT count(*) FROM alerts") == [(0,)], at
+        (check_at,) = rows(dsn, "SELECT check_at FROM inactivity_watch")[0]
+        assert check_at == datetime(2026, 11, 24, 7, 30, tzinfo=local)  # 1 h + 1 h after 06:30
+        await inactivity_sweep(conn, check_at)
+        assert rows(dsn, "SELECT type, severity, status, device_id FROM alerts") == [
+            ("inactivity", "major", "open", "wb-1")
+        ]
+        await inactivity_sweep(conn, check_at + timedelta(minutes=1))  # still nothing: no change
+        activity(dsn, check_at + timedelta(minutes=1, seconds=30))
+        await inactivity_sweep(conn, check_at + timedelta(minutes=2))
+    assert rows(dsn, "SELECT status, outcome, count(*) OVER () FROM alerts") == [
+        ("resolved", "cleared", 1)
+    ]

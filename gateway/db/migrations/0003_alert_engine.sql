@@ -213,6 +213,17 @@ CREATE TABLE condition_state (
 );
 CREATE INDEX condition_state_due ON condition_state (check_at) WHERE check_at IS NOT NULL;
 
+-- The welfare check of residents living alone (alerting.conditions inactivity):
+-- one row per resident, claimed by the sweep when check_at comes (SKIP LOCKED),
+-- so with several servers each check runs once.
+CREATE TABLE inactivity_watch (
+    resident_id   bigint PRIMARY KEY REFERENCES residents (id) ON DELETE CASCADE,
+    last_activity timestamptz,  -- NULL: not looked yet
+    raised        boolean NOT NULL DEFAULT false,
+    check_at      timestamptz NOT NULL DEFAULT '-infinity'
+);
+CREATE INDEX inactivity_watch_due ON inactivity_watch (check_at);
+
 -- A clock tests drive (ELDERSAFE_ENGINE_CLOCK=database; refused in production).
 CREATE TABLE engine_clock (
     id  boolean PRIMARY KEY DEFAULT true CHECK (id),
