@@ -53,3 +53,6 @@ ENGINE_DEAD = Counter(
     "events the alert engine could not apply (kept in engine_dead_letters)",
 )
 ENGINE_STEPS = Counter("eldersafe_engine_steps_total", "escalation steps fired")
+ENGINE_CRASHES = Counter(
+    "eldersafe_engine_loop_restarts_total", "alert engine loops restarted after an error"
+)

@@ -88,6 +88,11 @@ class EngineWorkers:
                 log.warning("alert engine %s: %s; retrying", loop.__name__, exc)
             except psycopg.Error as exc:
                 log.error("alert engine %s failed: %s; retrying", loop.__name__, exc)
+            except Exception:
+                # Never take ingest down with the engine: the inbox keeps the work, and
+                # the loop comes back after a backoff (the failure is logged and counted).
+                log.exception("alert engine %s crashed; restarting it", loop.__name__)
+                metrics.ENGINE_CRASHES.inc()
             if time.monotonic() - started > 10:
                 backoff = 0.2
             await asyncio.sleep(backoff)
