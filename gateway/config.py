@@ -42,6 +42,20 @@ class Settings(BaseSettings):
     # refused in production); the poll is the fallback to LISTEN/NOTIFY wake-ups.
     engine_clock: Literal["system", "database"] = "system"
     engine_poll_s: float = 1.0
+    # Notifiers (gateway/notify). The bureau's webhook URL is per bureau
+    # (organisations.webhook_url, from the district file); its HMAC key is here.
+    bureau_webhook_secret: SecretStr = SecretStr(DEMO_SECRET)
+    # The voice call / SMS provider adapter (gateway/notify/voice.py); unset: calls fail
+    # over to the person's next channel.
+    voice_provider_url: str | None = None
+    voice_provider_token: SecretStr | None = None
+    notify_send_timeout_s: float = 10.0
+    # Retry delays in seconds (the last repeats up to the attempt limit): every channel
+    # within its fallback window, the bureau webhook for a day.
+    notify_retry_s: tuple[float, ...] = (2, 5, 10, 30, 120)
+    notify_webhook_retry_s: tuple[float, ...] = (1, 2, 5, 10, 30, 60)
+    notify_webhook_max_attempts: int = 24 * 60
+    notify_passes: int = 2
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> Settings:
@@ -59,6 +73,18 @@ class Settings(BaseSettings):
                 "the demo's default; set a real secret (or ELDERSAFE_ENVIRONMENT=demo for the demo)"
             )
         return self
+
+    def check_notifier_secrets(self) -> None:
+        """Refuse the demo's webhook key outside demo and test; ``server`` calls it at start
+        (other commands, the edge's included, never sign webhooks)."""
+        if (
+            self.environment == "production"
+            and self.bureau_webhook_secret.get_secret_value() == DEMO_SECRET
+        ):
+            raise ValueError(
+                "ELDERSAFE_BUREAU_WEBHOOK_SECRET is the demo's default; set the key agreed with "
+                "the district's safety network (or ELDERSAFE_ENVIRONMENT=demo for the demo)"
+            )
 
     def server_accounts(self) -> dict[str, str]:
         """User name → password of every server process (this one's included)."""

@@ -53,6 +53,22 @@ ENGINE_DEAD = Counter(
     "events the alert engine could not apply (kept in engine_dead_letters)",
 )
 ENGINE_STEPS = Counter("eldersafe_engine_steps_total", "escalation steps fired")
+NOTIFY_ATTEMPTS = Counter(
+    "eldersafe_notify_attempts_total",
+    "notice delivery attempts by channel and result (delivered, failed)",
+    ["channel", "result"],
+)
+NOTIFY_DROPPED = Counter(
+    "eldersafe_notify_dropped_total",
+    "notices closed without a further attempt, by pipeline stage (dedup: moot or already"
+    " delivered; retry: unrecoverable or retries exhausted on the last channel)",
+    ["stage"],
+)
+NOTIFY_CONFIRMATIONS = Counter(
+    "eldersafe_notify_confirmations_total",
+    "acknowledge codes keyed in by a callee, by result (confirmed, wrong_code, unknown)",
+    ["result"],
+)
 ENGINE_CRASHES = Counter(
     "eldersafe_engine_loop_restarts_total", "alert engine loops restarted after an error"
 )

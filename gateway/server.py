@@ -24,6 +24,7 @@ from gateway.db.retention import drop_old_telemetry
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.ingest.store import IngestStore
 from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint, SessionIncident
+from gateway.notify.runner import runner_from
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ async def incident_loop(dsn: str, incidents: asyncio.Queue[SessionIncident]) -> 
 
 
 async def serve(settings: Settings) -> None:
+    notifier = runner_from(settings)  # refuses the demo's webhook key in production
     await asyncio.to_thread(migrate, settings.database_url)
     if settings.metrics_port:
         from prometheus_client import start_http_server
@@ -137,6 +139,7 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(
             EngineWorkers(settings.database_url, settings.mqtt_username, settings.engine_clock,
                           settings.engine_poll_s).run(), name="alert-engine"),
+        asyncio.create_task(notifier.run(), name="notifiers"),
     ]
     log.info("server running: mqtt %s:%d", settings.mqtt_host, settings.mqtt_port)
     try:
