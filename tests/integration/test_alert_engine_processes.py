@@ -103,3 +103,40 @@ def test_two_servers_share_inbox_and_timers_each_step_once(
     assert escalated == []
     assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'escalated'") == 80
     assert scalar(database, "SELECT count(DISTINCT fired_by) FROM alert_steps") >= 1
+
+
+def test_sos_published_over_mqtt_becomes_one_alert_with_its_first_rung(
+    database: str, broker: Any, make_server: Any
+) -> None:
+    """End to end through the real ingest: QoS 1 publish twice (a redelivery) → one alert."""
+    import uuid
+
+    from support import GATEWAY_PASSWORDS, publish_all
+
+    from gateway.contract.payloads import EventPayload, EventType, Phase, dump, now_utc
+
+    import_district(database, District.model_validate(DISTRICT))
+    with psycopg.connect(database) as conn:  # this test runs on the real clock: on duty now
+        conn.execute(
+            "INSERT INTO shifts (staff_id, starts_at, ends_at)"
+            " VALUES ('duty-1', now() - interval '1 hour', now() + interval '1 hour')"
+        )
+    server = make_server(database, broker.port)
+    server.start()
+    server.wait_session()
+    payload = dump(
+        EventPayload(v=1, event_id=uuid.uuid4(), type=EventType.SOS, phase=Phase.PULSE,
+                     time=now_utc(), profile="es-wb1")
+    )  # fmt: skip
+    topic = "eldersafe/v1/site-a/wb-1/event"
+    rcs = publish_all(
+        broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], [(topic, payload, 1)] * 2
+    )
+    assert rcs == [0, 0]
+    wait_for(
+        lambda: scalar(database, "SELECT count(*) FROM notifications") == 1,
+        15,
+        f"the first rung; log:\n{server.log_tail()}",
+    )
+    assert rows(database, "SELECT type, status, count FROM alerts") == [("sos", "open", 1)]
+    assert scalar(database, "SELECT count(*) FROM engine_inbox") == 0
