@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # refused in production); the poll is the fallback to LISTEN/NOTIFY wake-ups.
     engine_clock: Literal["system", "database"] = "system"
     engine_poll_s: float = 1.0
+    # a server stalled inside an engine transaction loses it after this long
+    engine_stalled_s: float = 10.0
     # Notifiers (gateway/notify). The bureau's webhook URL is per bureau
     # (organisations.webhook_url, from the district file); its HMAC key is here.
     bureau_webhook_secret: SecretStr = SecretStr(DEMO_SECRET)

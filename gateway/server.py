@@ -138,7 +138,8 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(incident_loop(settings.database_url, incidents), name="incidents"),
         asyncio.create_task(
             EngineWorkers(settings.database_url, settings.mqtt_username, settings.engine_clock,
-                          settings.engine_poll_s).run(), name="alert-engine"),
+                          settings.engine_poll_s, stalled_s=settings.engine_stalled_s).run(),
+            name="alert-engine"),
         asyncio.create_task(notifier.run(), name="notifiers"),
     ]
     log.info("server running: mqtt %s:%d", settings.mqtt_host, settings.mqtt_port)

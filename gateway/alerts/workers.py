@@ -67,12 +67,18 @@ class EngineWorkers:
         clock: ClockSource = "system",
         poll_s: float = 1.0,
         batch: int = 50,
+        stalled_s: float = 10.0,
     ) -> None:
         self.dsn = dsn
         self.name = name
         self.clock = clock
         self.poll_s = poll_s
         self.batch = batch
+        # A server that stops mid-transaction (SIGSTOP, a frozen VM, a partition) would
+        # hold its alerts' row locks, and every other server would skip them forever:
+        # PostgreSQL ends such a session after this long, its work rolls back, and the
+        # others carry on. Must exceed any unit of work's pause between statements.
+        self.work_options = f"-c idle_in_transaction_session_timeout={int(stalled_s * 1000)}"
 
     async def run(self) -> None:
         await asyncio.gather(self._forever(self._intake), self._forever(self._timers))
@@ -84,7 +90,8 @@ class EngineWorkers:
             try:
                 await loop()
             except (psycopg.OperationalError, psycopg.errors.SerializationFailure,
-                    psycopg.errors.DeadlockDetected, OSError) as exc:  # fmt: skip
+                    psycopg.errors.DeadlockDetected, psycopg.errors.IdleInTransactionSessionTimeout,
+                    OSError) as exc:  # fmt: skip
                 log.warning("alert engine %s: %s; retrying", loop.__name__, exc)
             except psycopg.Error as exc:
                 log.error("alert engine %s failed: %s; retrying", loop.__name__, exc)
@@ -101,7 +108,9 @@ class EngineWorkers:
     async def _intake(self) -> None:
         async with (
             await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
-            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as work,
+            await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, options=self.work_options
+            ) as work,
         ):
             await listen.execute("LISTEN engine_inbox")
             while True:
@@ -117,7 +126,9 @@ class EngineWorkers:
     async def _timers(self) -> None:
         async with (
             await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
-            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as work,
+            await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, options=self.work_options
+            ) as work,
         ):
             await listen.execute("LISTEN engine_timers")
             while True:

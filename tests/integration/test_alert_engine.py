@@ -25,6 +25,7 @@ from alerting.model import Channel, staff_actor
 from alerting.ports import ManualClock
 from gateway.alerts.district import District, import_district
 from gateway.alerts.feed import changes_after
+from gateway.alerts.store import PgAlertTransaction
 from gateway.alerts.unit_of_work import (
     SITE_LOCK_SPACE,
     command,
@@ -33,6 +34,7 @@ from gateway.alerts.unit_of_work import (
     intake_batch,
     timers_tick,
 )
+from gateway.alerts.workers import EngineWorkers
 
 T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai: waking hours
 
@@ -505,3 +507,30 @@ async def test_elder_living_alone_without_movement_raises_inactivity_outside_nig
     assert rows(dsn, "SELECT status, outcome, count(*) OVER () FROM alerts") == [
         ("resolved", "cleared", 1)
     ]
+
+
+async def test_a_worker_stalled_inside_its_transaction_loses_it_and_another_carries_on(
+    district: str,
+) -> None:
+    """SIGSTOP-like: a worker claims the alert and stops talking; PostgreSQL ends its session
+    after ENGINE_STALLED_S, its claim rolls back, and the other worker fires the step once."""
+    dsn = district
+    ingest(dsn, "site-a", "wb-1", "sos")
+    await drain(dsn, T0)
+    options = EngineWorkers(dsn, "a", stalled_s=0.5).work_options
+    at = T0 + timedelta(seconds=60)
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options=options
+    ) as stalled, await connect(dsn) as b:
+        await stalled.execute("BEGIN")
+        claimed = await PgAlertTransaction(stalled, "a").claim_due(at, 10)
+        assert len(claimed) == 1
+        assert (await asyncio.wait_for(timers_tick(b, at, worker="b"), 5)).steps == 0
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await timers_tick(b, at, worker="b")).steps == 0:
+            assert asyncio.get_running_loop().time() < deadline, "the stalled claim was kept"
+            await asyncio.sleep(0.05)
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            await stalled.execute("COMMIT")
+    assert steps(dsn) == [("level", 0), ("level", 1)]
+    assert rows(dsn, "SELECT fired_by FROM alert_steps WHERE level = 1") == [("b",)]

@@ -56,7 +56,11 @@ def test_two_servers_share_inbox_and_timers_each_step_once(
 ) -> None:
     import_district(database, District.model_validate(DISTRICT))
     set_clock(database, T0)
-    env = {"ELDERSAFE_ENGINE_CLOCK": "database", "ELDERSAFE_ENGINE_POLL_S": "0.05"}
+    env = {
+        "ELDERSAFE_ENGINE_CLOCK": "database",
+        "ELDERSAFE_ENGINE_POLL_S": "0.05",
+        "ELDERSAFE_ENGINE_STALLED_S": "1",
+    }
     a = make_server(database, broker.port, **env)
     b = make_server(database, broker.port, username="server-2", **env)
     for s in (a, b):
@@ -67,8 +71,9 @@ def test_two_servers_share_inbox_and_timers_each_step_once(
     for d in devices:
         ingest(database, "site-a", d, "sos")
     wait_for(lambda: scalar(database, "SELECT count(*) FROM alerts") == 20, 15, "20 alerts")
-    # Server a stops dead in the middle (SIGSTOP: whatever it holds stays locked; b skips
-    # it and carries on with the rest); it resumes before the last rung.
+    # Server a stops dead in the middle (SIGSTOP): what it holds stays locked until
+    # PostgreSQL ends its stalled transaction (ENGINE_STALLED_S), then b does that work
+    # too; a resumes before the last rung and finds its transaction gone.
     os.kill(a.proc.pid, signal.SIGSTOP)
     try:
         for second in (60, 180):
