@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 
@@ -23,6 +24,12 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 class Answer:
     status: int
     body: bytes
+
+
+def header_value(text: str) -> str:
+    """Header values are ASCII: a key naming a person in Chinese goes percent-encoded
+    (RFC 3986; the body carries it as it is)."""
+    return quote(text, safe="/:@._-+")
 
 
 def client(timeout_s: float) -> httpx.AsyncClient:

@@ -20,6 +20,7 @@ import apprise
 from alerting.pipeline import Notice
 from alerting.ports import DeliveryError, Receipt
 from gateway.notify.facts import BatchFacts
+from gateway.notify.http import header_value
 from gateway.notify.text import describe, title
 from gateway.notify.webhook import IDEMPOTENCY_HEADER
 
@@ -34,7 +35,7 @@ def _notify(url: str, subject: str, body: str, key: str, timeout_s: float) -> bo
     plugin.socket_read_timeout = min(plugin.socket_read_timeout, timeout_s)
     headers = getattr(plugin, "headers", None)
     if isinstance(headers, dict):
-        headers[IDEMPOTENCY_HEADER] = key
+        headers[IDEMPOTENCY_HEADER] = header_value(key)
     return bool(plugin.notify(body=body, title=subject))
 
 

@@ -25,7 +25,7 @@ import orjson
 from alerting.pipeline import Notice
 from alerting.ports import DeliveryError, Receipt
 from gateway.notify.facts import BatchFacts
-from gateway.notify.http import post
+from gateway.notify.http import header_value, post
 from gateway.notify.text import describe, spoken
 
 PHONE = re.compile(r"^\+?[0-9]{5,20}$")
@@ -59,7 +59,7 @@ class PhoneChannel:
             "idempotency_key": notice.key, "notification": row.key,
             "alert_id": str(notice.alert_id), "language": "zh-CN",
         })  # fmt: skip
-        headers = {"Content-Type": "application/json", "Idempotency-Key": notice.key}
+        headers = {"Content-Type": "application/json", "Idempotency-Key": header_value(notice.key)}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         answer = await post(self.http, self.provider_url, body, headers)

@@ -22,7 +22,7 @@ import orjson
 from alerting.pipeline import Notice
 from alerting.ports import Receipt
 from gateway.notify.facts import BatchFacts
-from gateway.notify.http import post
+from gateway.notify.http import header_value, post
 from gateway.notify.text import describe
 
 SIGNATURE_HEADER = "X-Eldersafe-Signature"
@@ -74,7 +74,7 @@ class WebhookChannel:
         timestamp = int(self.facts.now.timestamp())
         headers = {
             "Content-Type": "application/json",
-            IDEMPOTENCY_HEADER: notice.key,
+            IDEMPOTENCY_HEADER: header_value(notice.key),
             TIMESTAMP_HEADER: str(timestamp),
             SIGNATURE_HEADER: signature(self.secret, timestamp, body),
         }

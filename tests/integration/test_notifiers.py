@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import psycopg
@@ -27,6 +28,7 @@ from alerting.ports import ManualClock
 from gateway.alerts.audit_verify import verify
 from gateway.alerts.district import District, import_district
 from gateway.alerts.unit_of_work import intake_batch, timers_tick
+from gateway.notify.outbox import confirm_by_code
 from gateway.notify.runner import Notifiers, deliver_due
 
 T0 = datetime(2026, 11, 23, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai
@@ -204,7 +206,7 @@ class SafetyNetwork:
             self.problems.append(f"bad signature on {r.body[:80]!r}")
             return 401
         doc = r.json()
-        key = r.headers.get("idempotency-key")
+        key = unquote(r.headers.get("idempotency-key", ""))
         if not key or key != doc.get("idempotency_key"):
             self.problems.append(f"idempotency key missing or not the body's: {key!r}")
             return 400
@@ -295,3 +297,133 @@ async def test_bureau_webhook_survives_500s_and_two_minutes_down_exactly_once_in
     assert verify(dsn)[1] == ()
     if receiver.server is not None:
         await receiver.stop()
+
+
+# --- fallback: console → messaging → voice, each switch within 30 s ---------------------
+
+
+async def test_fallback_console_messaging_voice_within_30_s_and_the_code_confirms(
+    database: str, http_client: httpx.AsyncClient
+) -> None:
+    dsn = database
+    clock = ManualClock(T0)
+
+    async def answer(r: Request) -> int | None:
+        return 500 if r.path.startswith("/msg/family") else 200
+
+    svc = Receiver(answer, clock)
+    await svc.start()
+    base = f"json://127.0.0.1:{svc.port}"
+    import_district(dsn, district("http://127.0.0.1:9/bureau", apprise=f"{base}/msg/duty-1",
+                                  family_apprise=f"{base}/msg/family"))  # fmt: skip
+    await raise_alert(dsn, "site-0", "sos", T0)
+    ch = notifiers(http_client, voice_url=svc.url + "/voice")
+    wrong_code_refused = None
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for second in range(0, 131):
+            clock.set(T0 + timedelta(seconds=second))
+            await timers_tick(conn, clock.now())
+            while (await deliver_due(conn, clock.now(), ch)).claimed:
+                pass
+            calls = [r.json() for r in svc.requests if r.path == "/voice"]
+            duty = [c for c in calls if c["to"] == "+8613900000001"]
+            if duty and wrong_code_refused is None:  # the callee keys in a code
+                key, code = duty[0]["notification"], duty[0]["ack_code"]
+                wrong = "000000" if code != "000000" else "111111"
+                wrong_code_refused = not await confirm_by_code(conn, key, wrong, clock.now())
+                assert await confirm_by_code(conn, key, code, clock.now())
+
+    def attempts(person: str) -> list[tuple[str, str, float]]:
+        return [
+            (channel, action, (at - T0).total_seconds())
+            for channel, action, at in rows(
+                dsn, "SELECT channel, action, time FROM alert_audit WHERE detail->>'person' = %s"
+                " AND action IN ('notified', 'delivery_failed') ORDER BY seq", (person,))
+        ]  # fmt: skip
+
+    duty_attempts = attempts("staff:duty-1")
+    assert [c for c, a, _ in duty_attempts if a == "notified"] == ["console", "messaging", "voice"]
+    times = {c: t for c, a, t in duty_attempts if a == "notified"}
+    assert times["console"] == 0
+    assert 0 < times["messaging"] - times["console"] <= 30
+    assert 0 < times["voice"] - times["messaging"] <= 30
+    # Apprise's JSON target got the message: the place and the resident, in Chinese.
+    msg = [r for r in svc.requests if r.path == "/msg/duty-1"]
+    assert len(msg) == 1 and msg[0].headers.get("idempotency-key")
+    assert "幸福路0号3栋201" in msg[0].json()["message"]
+    assert "王奶奶" in msg[0].json()["message"] and "请立即处理" in msg[0].json()["message"]
+    # The provider got the spoken Chinese text and the code the callee keys in.
+    calls = [r.json() for r in svc.requests if r.path == "/voice"]
+    duty_call = next(c for c in calls if c["to"] == "+8613900000001")
+    assert duty_call["kind"] == "voice" and duty_call["language"] == "zh-CN"
+    assert "请立即处理" in duty_call["text"] and "王奶奶" in duty_call["text"]
+    assert " ".join(duty_call["ack_code"]) in duty_call["text"]
+    stored = rows(dsn, "SELECT ack_code, status FROM notifications WHERE key = %s",
+                  (duty_call["notification"],))  # fmt: skip
+    assert stored == [(duty_call["ack_code"], "confirmed")]
+    assert wrong_code_refused
+    # Confirmed with the code: no SMS follows for that person.
+    assert not [c for c in calls if c["to"] == "+8613900000001" and c["kind"] == "sms"]
+    # The family's messaging fails: retried, then voice within 30 s of the first attempt.
+    family = attempts("family:1:王小明")
+    first = family[0]
+    assert first[:2] == ("messaging", "delivery_failed") and first[2] == 60
+    voice = next(t for c, a, t in family if c == "voice" and a == "notified")
+    assert voice - first[2] <= 30
+    assert sum(1 for c, a, _ in family if (c, a) == ("messaging", "delivery_failed")) >= 2
+    assert verify(dsn)[1] == ()
+    await svc.stop()
+
+
+# --- two runners on one database ---------------------------------------------------------
+
+
+async def test_two_runners_never_deliver_a_notice_twice(
+    database: str, http_client: httpx.AsyncClient
+) -> None:
+    """Runner A holds its claimed rows while one send hangs; runner B meanwhile takes only
+    the other rows (SKIP LOCKED: it neither waits for A nor sends A's notices)."""
+    dsn = database
+    clock = ManualClock(T0)
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def answer(r: Request) -> int | None:
+        if r.path == "/bureau/hold" and not held.is_set():
+            held.set()
+            await release.wait()
+        return 200
+
+    receiver = Receiver(answer, clock)
+    await receiver.start()
+    import_district(dsn, district(receiver.url + "/bureau/hold", sites=3))
+    for site in ("site-0", "site-1"):  # smoke: the bureau and the duty staff at once
+        await raise_alert(dsn, site, "smoke", T0)
+    first = {k for (k,) in rows(dsn, "SELECT key FROM notifications")}
+    assert len(first) == 4
+    ch = notifiers(http_client)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn_a,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn_b,
+    ):
+        runner_a = asyncio.create_task(deliver_due(conn_a, T0, ch, worker="a"))
+        await asyncio.wait_for(held.wait(), 10)  # A is mid-send, its rows locked
+        with psycopg.connect(dsn) as admin:
+            admin.execute("UPDATE organisations SET webhook_url = %s WHERE id = 'bureau'",
+                          (receiver.url + "/bureau/free",))  # fmt: skip
+        await raise_alert(dsn, "site-2", "smoke", T0)  # two more notices, for B
+        out_b = await asyncio.wait_for(deliver_due(conn_b, T0, ch, worker="b"), 10)
+        assert out_b.claimed == 2, "B took A's rows or missed the new ones"
+        assert not runner_a.done()
+        release.set()
+        out_a = await asyncio.wait_for(runner_a, 10)
+        assert out_a.claimed == 4
+        assert (await deliver_due(conn_b, T0, ch, worker="b")).claimed == 0
+    keys = [r.headers["idempotency-key"] for r in receiver.requests]
+    assert len(keys) == len(set(keys)) == 3, "a notice was delivered twice"
+    # Each delivered once (the console rows wait for their fallback window: still pending).
+    assert rows(dsn, "SELECT count(*), count(delivered_at) FROM notifications") == [(6, 6)]
+    notified = rows(dsn, "SELECT detail->>'step', detail->>'person', count(*) FROM alert_audit"
+                    " WHERE action = 'notified' GROUP BY 1, 2")  # fmt: skip
+    assert len(notified) == 6 and {n for *_, n in notified} == {1}
+    await receiver.stop()
