@@ -47,12 +47,13 @@ GW_A = ("gw-site-a", GATEWAY_PASSWORDS["gw-site-a"])
 
 
 def blocked_on_a_lock(dsn: str) -> bool:
-    """Some other session of this database waits for a lock (the server's write)."""
+    """A session of this database waits for a lock while writing events (the server's write)."""
     return bool(
         scalar(
             dsn,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
+            " AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'"
+            r" AND query ~* '(insert\s+into|copy)\s+(event_ledger|device_events)'",
         )
     )
 

@@ -31,6 +31,7 @@ from support import (
     assert_stored_once,
     mqtt_client,
     publish_all,
+    scalar,
     sos_events,
     wait_for,
 )
@@ -191,6 +192,8 @@ def test_a_restarted_server_reports_the_session_its_broker_lost(
     server = make_server(database, broker.port)
     server.start()
     server.wait_session()
+    recorded = "SELECT count(*) FROM mqtt_server_sessions WHERE client_id = 'server'"
+    wait_for(lambda: scalar(database, recorded) == 1, 10, "the session's record")
     server.stop()
     server.start()  # the broker kept the session: nothing to report
     server.wait_session()
