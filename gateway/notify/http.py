@@ -8,6 +8,7 @@ The answer's body is hostile input: at most ``MAX_BODY`` bytes are read.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -39,9 +40,16 @@ def client(timeout_s: float) -> httpx.AsyncClient:
 async def post(
     http: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str]
 ) -> Answer:
-    """POST; a non-2xx answer or a transport failure raises ``DeliveryError``."""
+    """POST; a non-2xx answer or a transport failure raises ``DeliveryError``.
+
+    httpx bounds each read; the whole exchange gets the same bound again (a server
+    dripping its answer byte by byte must not hold the outbox rows)."""
+    total_s = http.timeout.read or 10.0
     try:
-        async with http.stream("POST", url, content=body, headers=dict(headers)) as resp:
+        async with (
+            asyncio.timeout(total_s),
+            http.stream("POST", url, content=body, headers=dict(headers)) as resp,
+        ):
             data = b""
             async for chunk in resp.aiter_bytes():
                 data += chunk
@@ -53,6 +61,8 @@ async def post(
         raise DeliveryError(f"bad URL {url!r}: {exc}", recoverable=False) from exc
     except httpx.TransportError as exc:  # refused, timeout, connection dropped
         raise DeliveryError(f"{type(exc).__name__}: {exc}", recoverable=True) from exc
+    except TimeoutError as exc:
+        raise DeliveryError(f"no full answer within {total_s} s", recoverable=True) from exc
     if 200 <= status < 300:
         return Answer(status, data)
     recoverable = status >= 500 or status in RETRY_STATUSES

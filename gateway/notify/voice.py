@@ -72,4 +72,7 @@ def _call_id(body: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     value = doc.get("id") if isinstance(doc, dict) else None
-    return str(value)[:200] if isinstance(value, str | int) else None
+    if not isinstance(value, str | int):
+        return None
+    # Outside input into the audit log: printable only (PostgreSQL refuses NUL), bounded.
+    return "".join(c for c in str(value) if c.isprintable())[:200] or None
