@@ -65,6 +65,9 @@ UPDATE notifications SET
     closed_reason = %(closed_reason)s, updated_at = %(updated_at)s
 WHERE id = %(id)s
 """
+UNREADABLE = """
+UPDATE notifications SET status = 'failed', closed_reason = %s, updated_at = %s WHERE id = %s
+"""
 PLACES = """
 SELECT s.id, s.name, s.address,
        array(SELECT r.name FROM residents r WHERE r.site_id = s.id ORDER BY r.id) AS residents

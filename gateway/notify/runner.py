@@ -58,6 +58,7 @@ from gateway.notify.outbox import (
     CLAIM,
     PLACES,
     POSITIONS,
+    UNREADABLE,
     UPDATE,
     OutboxRow,
     ledger_of,
@@ -134,6 +135,23 @@ async def _facts(
     )
 
 
+async def _readable(
+    conn: psycopg.AsyncConnection[Any], claimed: Sequence[dict[str, Any]], now: datetime
+) -> list[OutboxRow]:
+    """Rows as notices; a row that is not one (an unknown channel, a malformed fallback)
+    is closed as failed with the reason and counted, so it cannot stall the outbox."""
+    rows: list[OutboxRow] = []
+    for r in claimed:
+        try:
+            rows.append(row_from_db(r))
+        except (ValueError, KeyError, TypeError) as exc:
+            reason = f"unreadable row: {type(exc).__name__}: {exc}"
+            log.error("notification %s closed: %s", r.get("key"), reason)
+            metrics.NOTIFY_DROPPED.labels("unreadable").inc()
+            await conn.execute(UNREADABLE, (reason[:500], now, r["id"]))
+    return rows
+
+
 def stages_for(rows: Sequence[OutboxRow], channels: Mapping[Channel, NotifierChannel],
                timings: Timings) -> tuple[Stage, ...]:
     # Escalate ran in the engine's transaction (the notices are the outbox rows).
@@ -159,10 +177,11 @@ async def deliver_due(
     async with conn.transaction():
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(CLAIM, {"now": now, "limit": limit})
-            rows = [row_from_db(r) for r in await cur.fetchall()]
+            claimed = await cur.fetchall()
+        out.claimed = len(claimed)
+        rows = await _readable(conn, claimed, now)
         if not rows:
             return out
-        out.claimed = len(rows)
         facts = await _facts(conn, rows, now)
         stages = stages_for(rows, notifiers.bind(facts), timings)
         result = await run_stages(stages, Batch(now, pending=tuple(r.notice for r in rows)))
@@ -234,8 +253,8 @@ class NotifierRunner:
             except (psycopg.OperationalError, psycopg.errors.SerializationFailure,
                     psycopg.errors.DeadlockDetected, OSError) as exc:  # fmt: skip
                 log.warning("notifier %s: %s; retrying", self.name, exc)
-            except psycopg.Error as exc:
-                log.error("notifier %s failed: %s; retrying", self.name, exc)
+            except Exception:  # a bug must not stop the server's other loops: log, retry
+                log.exception("notifier %s failed; retrying", self.name)
             if time.monotonic() - started > 10:
                 backoff = 0.2
             await asyncio.sleep(backoff)

@@ -427,3 +427,34 @@ async def test_two_runners_never_deliver_a_notice_twice(
                     " WHERE action = 'notified' GROUP BY 1, 2")  # fmt: skip
     assert len(notified) == 6 and {n for *_, n in notified} == {1}
     await receiver.stop()
+
+
+async def test_an_unreadable_row_is_closed_with_its_reason_and_stalls_nothing(
+    database: str, http_client: httpx.AsyncClient
+) -> None:
+    dsn = database
+    clock = ManualClock(T0)
+
+    async def answer(r: Request) -> int | None:
+        return 200
+
+    receiver = Receiver(answer, clock)
+    await receiver.start()
+    import_district(dsn, district(receiver.url + "/bureau", sites=2))
+    await raise_alert(dsn, "site-0", "smoke", T0)
+    await raise_alert(dsn, "site-1", "smoke", T0)
+    with psycopg.connect(dsn) as conn:  # two rows spoiled behind the engine's back
+        conn.execute("UPDATE notifications SET channel = 'pager' WHERE person_id = 'staff:duty-1'"
+                     " AND alert_id = (SELECT id FROM alerts WHERE site_id = 'site-0')")
+        conn.execute("UPDATE notifications SET fallback = '[[\"voice\"]]'"
+                     " WHERE person_id = 'staff:duty-1'"
+                     " AND alert_id = (SELECT id FROM alerts WHERE site_id = 'site-1')")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while (await deliver_due(conn, T0, notifiers(http_client))).claimed:
+            pass
+    got = rows(dsn, "SELECT person_id, status, closed_reason IS NOT NULL FROM notifications"
+               " ORDER BY person_id, status")  # fmt: skip
+    assert got == [("bureau:bureau", "sent", False), ("bureau:bureau", "sent", False),
+                   ("staff:duty-1", "failed", True), ("staff:duty-1", "failed", True)]
+    assert len(receiver.requests) == 2
+    await receiver.stop()
