@@ -9,6 +9,7 @@ carried an alarm), never silently dropped.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -27,7 +28,14 @@ from device_drivers.model import (
     Reading,
     Scalar,
 )
-from gateway.contract.payloads import EventPayload, EventType, Phase, dump
+from gateway.contract.payloads import (
+    EARLIEST_TIME,
+    MAX_AHEAD,
+    EventPayload,
+    EventType,
+    Phase,
+    dump,
+)
 from gateway.contract.topics import Channel, DeviceTopic
 from gateway.edge.config import EdgeConfig
 from gateway.edge.device_status import DeviceStatusPublisher
@@ -50,6 +58,26 @@ class Device:
 
 def utc(ts: float | None = None) -> datetime:
     return datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
+
+
+def event_time(device_time: float | None, now: float) -> tuple[datetime, dict[str, Scalar]]:
+    """The time an event is stamped with, and what to add to its data.
+
+    A device's own clock is kept when the contract accepts it; a clock that never
+    synced (a wristband at 1970 after a battery change) or runs far ahead would
+    make the event a dead letter at the server, so the edge stamps its own
+    receive time and keeps the device's claim as ``device_time``. An alarm is
+    never refused for a wrong clock.
+    """
+    if device_time is None:
+        return utc(now), {}
+    earliest = EARLIEST_TIME.timestamp()
+    latest = now + MAX_AHEAD.total_seconds()
+    if math.isfinite(device_time) and earliest <= device_time <= latest:
+        return utc(device_time), {}
+    log.warning("device clock says %r; event stamped with the edge's time", device_time)
+    claim: dict[str, Scalar] = {"device_time": device_time} if math.isfinite(device_time) else {}
+    return utc(now), claim
 
 
 def clean_data(data: Mapping[str, Scalar], *, where: str) -> dict[str, Scalar]:
@@ -136,8 +164,8 @@ class ObservationRouter:
         self, device: Device, type_: str, data: Mapping[str, Scalar], at: float | None
     ) -> EventBuilder:
         topic = str(DeviceTopic(self.site, device.id, Channel.EVENT))
-        cleaned = clean_data(data, where=f"device {device.id} {type_}")
-        when = utc(at)
+        when, claim = event_time(at, time.time())
+        cleaned = clean_data({**data, **claim}, where=f"device {device.id} {type_}")
 
         def build(event_id: uuid.UUID, phase: str) -> tuple[str, bytes]:
             payload = EventPayload(
