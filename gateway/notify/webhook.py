@@ -3,8 +3,10 @@
 Each message carries its idempotency key (``Notice.key``, also the
 ``Idempotency-Key`` header) and the alert's sequence number: the receiver keeps
 the first of each key and can check the order. The runner sends message n+1 of
-an alert only after n got a 2xx (``outbox.CLAIM``); retries with backoff are
-``alerting.pipeline.WEBHOOK_RETRY`` (settings can change the delays).
+an alert only after n got a 2xx (``outbox.CLAIM``, by ``notifications.lane_seq``);
+retries with backoff are ``alerting.pipeline.WEBHOOK_RETRY`` (settings can change
+the delays). A message given up — a 4xx other than 408/425/429, or a day of
+retries — is closed as failed with its reason, and the alert's next one goes.
 
 Signature (like Stripe's and GitHub's): ``X-Eldersafe-Signature: sha256=<hex>``
 over ``<timestamp>.<body>``, with ``X-Eldersafe-Timestamp`` in Unix seconds, so
