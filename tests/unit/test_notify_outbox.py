@@ -93,3 +93,23 @@ async def test_an_acknowledged_alert_closes_the_row_recorded_never_silent() -> N
     never_sent = row(status=AlertStatus.ACKNOWLEDGED)
     update, _ = await one_pass(never_sent, channel)
     assert update.status == "dropped"
+
+
+async def test_a_group_summary_settles_every_row_it_stands_for() -> None:
+    import dataclasses
+
+    first = row()
+    rows = []
+    for i, kind in enumerate((AlertType.LOW_BATTERY, AlertType.DEVICE_OFFLINE)):
+        n = dataclasses.replace(first.notice, alert_id=uuid.UUID(int=10 + i), alert_type=kind,
+                                severity=Severity.MINOR, step_id=f"s{i}/0/level/0/0",
+                                fallback=())  # fmt: skip
+        rows.append(dataclasses.replace(first, id=i + 1, key=n.key, notice=n))
+    channel = Answering()
+    channels = {c: channel for c in Channel}
+    batch = await run_stages(stages_for(rows, channels, Timings()),
+                             Batch(AT, pending=tuple(r.notice for r in rows)))  # fmt: skip
+    updates, audit, lost = settle(rows, batch)
+    assert len(channel.sent) == 1, "one summary for the person's two minor notices"
+    assert lost == [] and [u.status for u in updates] == ["sent", "sent"]
+    assert sorted(e.alert_id.int for e in audit) == [10, 11], "each alert's chain has it"
