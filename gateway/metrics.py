@@ -72,3 +72,14 @@ NOTIFY_CONFIRMATIONS = Counter(
 ENGINE_CRASHES = Counter(
     "eldersafe_engine_loop_restarts_total", "alert engine loops restarted after an error"
 )
+VITALS_CHECKS = Counter(
+    "eldersafe_vitals_checks_total", "wristbands whose vital signs the sweep judged"
+)
+VITALS_REFUSED = Counter(
+    "eldersafe_vitals_refused_readings_total",
+    "heart rate / SpO2 readings the vital-sign rule cannot judge (non-finite)",
+)
+VITALS_FAILED = Counter(
+    "eldersafe_vitals_failed_checks_total",
+    "vital-sign checks that failed and were kept for the next pass (logged with the reason)",
+)

@@ -6,6 +6,12 @@ natural id, so importing the same file twice changes nothing, and importing an
 edited file updates what changed (upsert); nothing is deleted. The whole file
 is one transaction: a bad row leaves the database as it was, and the error
 names the section and row.
+
+Residents carry their own thresholds: ``heart_rate_min`` / ``heart_rate_max``
+(bpm, 20-250, min below max) and ``spo2_min`` (%, 50-100); a bound left out is
+the default of ``alerting.conditions.DEFAULT_VITAL_RANGES``. A device whose
+profile measures vital signs (``es-wb1``) and names a ``resident`` is watched by
+the vital-sign sweep; importing it without a resident stops the watch.
 """
 
 from __future__ import annotations
@@ -17,9 +23,17 @@ from typing import Any, Literal
 import psycopg
 import yaml
 from psycopg.types.json import Jsonb
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from gateway.alerts.directory import policy_from_json
+from gateway.alerts.vitals import UNWATCH_WRISTBANDS, VITAL_PROFILES, WATCH_WRISTBANDS
 
 _ID = r"^[a-z0-9-]{1,64}$"
 
@@ -62,10 +76,19 @@ class Resident(_Row):
     timezone: str = "Asia/Shanghai"
     night_start: time = time(22, 0)
     night_end: time = time(6, 30)
-    heart_rate_min: int | None = None
-    heart_rate_max: int | None = None
-    spo2_min: int | None = None
+    # The resident's own vital-sign range (a bound left out is the default's:
+    # heart rate 45-120 bpm, SpO2 >= 90 %); held 2 min to raise vital_signs.
+    heart_rate_min: int | None = Field(None, ge=20, le=250)
+    heart_rate_max: int | None = Field(None, ge=20, le=250)
+    spo2_min: int | None = Field(None, ge=50, le=100)
     family: list[FamilyContact] = []
+
+    @model_validator(mode="after")
+    def _heart_rate_range(self) -> Resident:
+        low, high = self.heart_rate_min, self.heart_rate_max
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"heart_rate_min {low} must lie below heart_rate_max {high}")
+        return self
 
 
 class Device(_Row):
@@ -214,6 +237,9 @@ def import_district(dsn: str, district: District) -> dict[str, int]:
                 " resident_id = excluded.resident_id, description = excluded.description",
                 (d.site, d.id, d.profile, d.address, resident, d.description),
             )
+        # The vital-sign sweep watches every wristband given to a resident (gateway.alerts.vitals).
+        conn.execute(WATCH_WRISTBANDS, {"profiles": list(VITAL_PROFILES)})
+        conn.execute(UNWATCH_WRISTBANDS, {"profiles": list(VITAL_PROFILES)})
         for st in district.staff:
             conn.execute(
                 "INSERT INTO staff (id, organisation_id, name, role, phone, apprise_url, active)"

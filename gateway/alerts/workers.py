@@ -30,6 +30,7 @@ from gateway.alerts.unit_of_work import (
     intake_batch,
     timers_tick,
 )
+from gateway.alerts.vitals import vitals_sweep
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class EngineWorkers:
                 now = await engine_now(work, self.clock)
                 out = await timers_tick(work, now, self.batch, self.name)
                 await inactivity_sweep(work, now, self.batch, self.name)
+                await vitals_sweep(work, now, self.batch * 4, self.name)
                 _count(out)
                 if len(out.alerts) >= self.batch:
                     continue
