@@ -241,17 +241,26 @@ def dedup_keys(event: EngineEvent, rules: RuleBook = DEFAULT_RULES) -> tuple[str
 
 
 def decide(
-    event: EngineEvent, open_alerts: Mapping[str, Alert], rules: RuleBook = DEFAULT_RULES
+    event: EngineEvent,
+    open_alerts: Mapping[str, Alert],
+    rules: RuleBook = DEFAULT_RULES,
+    *,
+    now: datetime | None = None,
 ) -> Decision:
-    """The alert changes one committed event makes, given the unresolved alerts by key."""
+    """The alert changes one committed event makes, given the unresolved alerts by key.
+
+    ``now`` is the engine's clock: a change happens at ``min(event time, now)``, so an
+    event stamped in the future (a device clock ahead; the contract lets it be up to
+    24 h) starts its ladder now instead of delaying the first rung until that time."""
     require_aware(event.time, "event time")
+    at = _not_after(event.time, now)
     rule = rules.events[event.kind]
     effect = rule.effects[event.phase]
     if effect is Effect.IGNORE:
         return Decision(ignored=rule.reason or f"{event.kind.value}/{event.phase.value}")
     actor = device_actor(event.site_id, event.device_id)
     if effect is Effect.CANCEL:
-        return _cancel(event, rule, open_alerts, rules, actor)
+        return _cancel(event, rule, open_alerts, rules, actor, at)
     assert rule.condition is not None  # RuleBook validated
     alert_rule = rules.alerts[rule.condition]
     key = dedup_key(alert_rule, event.site_id, event.device_id)
@@ -265,13 +274,19 @@ def decide(
         device_id=event.device_id,
         source=event.device_id,
         severity=alert_rule.severity,
-        at=event.time,
+        at=at,
         actor=actor,
         channel=Channel.DEVICE,
         event_id=event.event_id,
         opening_id=str(event.event_id),
     )
     return _raise(change, current) if effect is Effect.RAISE else _clear(change, current)
+
+
+def _not_after(at: datetime, now: datetime | None) -> datetime:
+    if now is None:
+        return at
+    return min(at, require_aware(now, "engine time"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +314,15 @@ def signal_key(signal: ConditionSignal, rules: RuleBook = DEFAULT_RULES) -> str:
 
 
 def decide_signal(
-    signal: ConditionSignal, open_alerts: Mapping[str, Alert], rules: RuleBook = DEFAULT_RULES
+    signal: ConditionSignal,
+    open_alerts: Mapping[str, Alert],
+    rules: RuleBook = DEFAULT_RULES,
+    *,
+    now: datetime | None = None,
 ) -> Decision:
+    """As ``decide``, for a server-side condition (its reading's time may be ahead too)."""
     require_aware(signal.at, "signal time")
+    at = _not_after(signal.at, now)
     alert_rule = rules.alerts[signal.condition]
     key = dedup_key(alert_rule, signal.site_id, signal.device_id)
     change = _Change(
@@ -311,7 +332,7 @@ def decide_signal(
         device_id=signal.device_id,
         source=signal.source,
         severity=signal.severity or alert_rule.severity,
-        at=signal.at,
+        at=at,
         actor="system:rules",
         channel=Channel.SYSTEM,
         event_id=None,
@@ -411,6 +432,7 @@ def _cancel(
     open_alerts: Mapping[str, Alert],
     rules: RuleBook,
     actor: str,
+    at: datetime,
 ) -> Decision:
     steps: list[Transition] = []
     for name in rule.cancels:
@@ -434,7 +456,7 @@ def _cancel(
                 note="resident pressed cancel; staff on scene decide",
             )
         )
-        steps.append(transition(alert, command, event.time))
+        steps.append(transition(alert, command, at))
     if not steps:
         return Decision(ignored=f"cancel from {event.device_id}: no open sos or fall to cancel")
     return Decision(tuple(steps))

@@ -83,3 +83,16 @@ VITALS_FAILED = Counter(
     "eldersafe_vitals_failed_checks_total",
     "vital-sign checks that failed and were kept for the next pass (logged with the reason)",
 )
+DOWNLINK_PUBLISHES = Counter(
+    "eldersafe_downlink_publishes_total",
+    "device downlink commands by publish result: published (PUBACK), no_subscribers (PUBACK"
+    " 0x10: no edge session holds the topic), refused (PUBACK >= 0x80), no_puback (still in"
+    " flight after the wait), invalid (a row that cannot be a command)",
+    ["result"],
+)
+DOWNLINK_RESULTS = Counter(
+    "eldersafe_downlink_results_total",
+    "command results recorded in their alert, by outcome (executed, refused, unreachable);"
+    " unmatched: not one of the engine's commands; mismatch: another device answered its id",
+    ["outcome"],
+)

@@ -178,7 +178,7 @@ async def apply_event(
 ) -> None:
     """One event: lock its alerts, decide, settle (first rung, downlink, next timer)."""
     open_alerts = await tx.lock_open(dedup_keys(event))
-    decision = decide(event, open_alerts)
+    decision = decide(event, open_alerts, now=now)
     if decision.ignored is not None:
         out.ignored += 1
         log.debug("event %s changes no alert: %s", event.event_id, decision.ignored)
@@ -322,7 +322,7 @@ async def apply_signal(
     out: Outcome,
 ) -> None:
     open_alerts = await tx.lock_open([signal_key(signal)])
-    decision = decide_signal(signal, open_alerts)
+    decision = decide_signal(signal, open_alerts, now=now)
     if decision.ignored is not None:
         out.ignored += 1
         return
