@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import psycopg
 
+from gateway.alerts.downlink import DownlinkWorkers
 from gateway.alerts.workers import EngineWorkers
 from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
@@ -141,6 +142,10 @@ async def serve(settings: Settings) -> None:
                           settings.engine_poll_s, stalled_s=settings.engine_stalled_s).run(),
             name="alert-engine"),
         asyncio.create_task(notifier.run(), name="notifiers"),
+        asyncio.create_task(
+            DownlinkWorkers(settings.database_url, consumer, settings.mqtt_username,
+                            settings.engine_clock, settings.engine_poll_s).run(),
+            name="downlink"),
     ]
     log.info("server running: mqtt %s:%d", settings.mqtt_host, settings.mqtt_port)
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
@@ -33,6 +33,7 @@ from gateway.mqtt.codec import (
     Disconnect,
     MqttProtocolError,
     Packet,
+    PubAck,
     Publish,
     SubAck,
     encode_connect,
@@ -40,6 +41,7 @@ from gateway.mqtt.codec import (
     encode_subscribe,
     read_packets,
 )
+from gateway.mqtt.outbound import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,16 @@ class SessionIncident:
 
 OnPublish = Callable[[int, Publish], None]
 OnIncident = Callable[[SessionIncident], None]
+
+
+def _writer(transport: asyncio.Transport) -> Callable[[bytes], None]:
+    """Writes to this connection only while it is open; what it drops is sent again."""
+
+    def write(data: bytes) -> None:
+        if not transport.is_closing():
+            transport.write(data)
+
+    return write
 
 
 class _Protocol(asyncio.Protocol):
@@ -152,6 +164,8 @@ class MqttConsumer:
         self._waiters: dict[type, asyncio.Future[Packet]] = {}
         self._paused = False
         self._disconnect_reason: int | None = None
+        # the server's own QoS 1 publishes (the device downlink) on this session
+        self.outbound = Outbound()
 
     # -- called by the pipeline -------------------------------------------------
     def ack(self, epoch: int, packet_ids: list[int]) -> bool:
@@ -164,6 +178,10 @@ class MqttConsumer:
         if packet_ids:
             proto.transport.write(encode_pubacks(packet_ids))
         return True
+
+    def publish(self, topic: str, payload: bytes, key: Hashable) -> asyncio.Future[int]:
+        """QoS 1 on this session; settles with the PUBACK's reason code (``Outbound``)."""
+        return self.outbound.publish(topic, payload, key)
 
     def pause(self) -> None:
         """Stop reading (TCP back-pressure) while the store is behind."""
@@ -183,6 +201,9 @@ class MqttConsumer:
 
     # -- session ------------------------------------------------------------------
     def _on_control(self, packet: Packet) -> None:
+        if type(packet) is PubAck:
+            self.outbound.acked(packet)
+            return
         waiter = self._waiters.pop(type(packet), None)
         if waiter is not None and not waiter.done():
             waiter.set_result(packet)
@@ -260,6 +281,7 @@ class MqttConsumer:
                 raise MqttConnectError(0x87)
             self.connects += 1
             self.connected.set()
+            self.outbound.attach(_writer(transport), connack.session_present)
             self.session_up.set()
             log.info(
                 "mqtt session up (%s, session present: %s)", self.client_id, connack.session_present
@@ -289,6 +311,7 @@ class MqttConsumer:
                     " 0x8E); messages delivered to it are not ours to store",
                 )
             self.connected.clear()
+            self.outbound.detach()
             self._waiters.clear()
             if not transport.is_closing():
                 transport.close()
