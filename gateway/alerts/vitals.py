@@ -54,6 +54,11 @@ CHECK_EVERY = timedelta(seconds=30)
 # A check reads no further back than this (a watch new or long unchecked), and at most
 # READINGS_PER_CHECK readings per metric; more left over means a check again at once.
 LOOKBACK = timedelta(hours=1)
+# A worn wristband reports each vital at least once a minute (the edge's refresh);
+# readings further apart than this say nothing about the time between them, so a
+# run outside (or back inside) the range starts again after such a gap: two high
+# readings an hour apart are not an hour of high heart rate.
+MAX_GAP = timedelta(minutes=5)
 READINGS_PER_CHECK = 500
 
 # Run by the district import in its transaction: a wristband given to a resident is
@@ -228,9 +233,12 @@ async def _check(
     after = dict(states)
     signals: list[ConditionSignal] = []
     for metric, at, value in readings:
+        state = after[metric]
+        if state.since is not None and state.last_at is not None and at - state.last_at > MAX_GAP:
+            state = VitalState(state.alerting, None, state.last_at)
         try:
             after[metric], signal = evaluate_vital(
-                ranges[metric], after[metric], site_id=site_id, device_id=device_id,
+                ranges[metric], state, site_id=site_id, device_id=device_id,
                 value=value, at=at,
             )  # fmt: skip
         except InvalidReading as exc:

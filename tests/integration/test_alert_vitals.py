@@ -133,6 +133,21 @@ async def test_a_single_out_of_range_reading_raises_nothing(district: str) -> No
     assert rows(dsn, "SELECT count(*) FROM alerts") == [(0,)]
 
 
+async def test_two_high_readings_with_a_gap_between_are_not_a_held_condition(
+    district: str,
+) -> None:
+    """Off the wrist for ten minutes: 130 bpm before and after is not ten minutes of it."""
+    dsn = district
+    readings(dsn, "heart_rate_bpm", [(0, 130.0), (600, 130.0), (660, 130.0)])
+    async with await connect(dsn) as conn:
+        for sec in (30, 700):
+            await vitals_sweep(conn, at(sec))
+        assert rows(dsn, "SELECT count(*) FROM alerts") == [(0,)]
+        readings(dsn, "heart_rate_bpm", [(720, 130.0)])  # 600 … 720: held 2 min now
+        await vitals_sweep(conn, at(730))
+    assert rows(dsn, "SELECT type, opened_at FROM alerts") == [("vital_signs", at(720))]
+
+
 async def test_two_workers_never_judge_one_check_twice(district: str) -> None:
     """Forced interleaving: the test holds the watch row; a worker skips it, never waits
     for it nor judges it; released, two workers at once judge it once between them."""
