@@ -133,6 +133,20 @@ async def test_a_single_out_of_range_reading_raises_nothing(district: str) -> No
     assert rows(dsn, "SELECT count(*) FROM alerts") == [(0,)]
 
 
+async def test_a_non_finite_reading_is_refused_and_counted_and_blocks_nothing(
+    district: str,
+) -> None:
+    dsn = district
+    refused = "eldersafe_vitals_refused_readings_total"
+    before = REGISTRY.get_sample_value(refused) or 0.0
+    series = [(s, 130.0) for s in range(0, 181, 30)]
+    readings(dsn, "heart_rate_bpm", [*series[:3], (75, float("nan")), *series[3:]])
+    async with await connect(dsn) as conn:
+        assert (await vitals_sweep(conn, at(185))).dead == 1
+    assert REGISTRY.get_sample_value(refused) == before + 1
+    assert rows(dsn, "SELECT type, opened_at FROM alerts") == [("vital_signs", at(120))]
+
+
 async def test_two_high_readings_with_a_gap_between_are_not_a_held_condition(
     district: str,
 ) -> None:
