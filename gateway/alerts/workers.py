@@ -136,10 +136,10 @@ class EngineWorkers:
                 now = await engine_now(work, self.clock)
                 out = await timers_tick(work, now, self.batch, self.name)
                 await inactivity_sweep(work, now, self.batch, self.name)
-                await vitals_sweep(work, now, self.batch * 4, self.name)
+                vitals = await vitals_sweep(work, now, self.batch * 4, self.name)
                 _count(out)
-                if len(out.alerts) >= self.batch:
-                    continue
+                if len(out.alerts) >= self.batch or vitals.events >= self.batch * 4:
+                    continue  # more due now: a district's wristbands outnumber one batch
                 await _wait(listen, await self._until_next(work, now))
 
     async def _until_next(self, conn: psycopg.AsyncConnection[Any], now: datetime) -> float:
