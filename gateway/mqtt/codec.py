@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class MqttProtocolError(ValueError):
@@ -34,8 +35,11 @@ PROP_SESSION_EXPIRY = 0x11
 PROP_RECEIVE_MAXIMUM = 0x21
 
 
-@dataclass(frozen=True, slots=True)
-class Publish:
+class Publish(NamedTuple):
+    """A PUBLISH. Immutable like the other packets, but a tuple: ``read_packets`` builds
+    one per message of a backlog, and ``tuple.__new__`` costs a tenth of a frozen
+    dataclass's ``__init__``."""
+
     topic: str
     payload: bytes
     qos: int
@@ -193,24 +197,10 @@ def _read_varint(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tup
 
 
 def _parse(first: int, body: memoryview) -> Packet:
-    """Parse one complete packet's body; an IndexError means the packet is malformed."""
+    """Parse one complete packet's body other than PUBLISH (``read_packets`` does those);
+    an IndexError means the packet is malformed."""
     ptype = first >> 4
     n = len(body)
-    if ptype == 3:
-        qos = (first >> 1) & 0x03
-        p = 2 + ((body[0] << 8) | body[1])
-        if p > n:
-            raise IndexError
-        topic = str(body[2:p], "utf-8")
-        packet_id = None
-        if qos:
-            packet_id = (body[p] << 8) | body[p + 1]
-            p += 2
-        plen, p = _read_varint(body, p, n)
-        p += plen
-        if p > n:
-            raise IndexError
-        return Publish(topic, bytes(body[p:]), qos, packet_id, bool(first & 1), bool(first & 8))
     if ptype == 4:
         return PubAck((body[0] << 8) | body[1], body[2] if n > 2 else 0)
     if ptype == 2:
@@ -227,24 +217,64 @@ def _parse(first: int, body: memoryview) -> Packet:
     return Other(ptype, bytes(body))
 
 
+_new_tuple = tuple.__new__
+
+
 def read_packets(buf: bytearray) -> tuple[list[Packet], int]:
-    """Parse all complete packets at the start of ``buf``; return them and the bytes used."""
+    """Parse all complete packets at the start of ``buf``; return them and the bytes used.
+
+    The hot path of a backlog: a PUBLISH is parsed inline, without a call per
+    field, reading ``buf`` directly with every index checked against the
+    packet's own end, and built as a tuple.
+    """
     packets: list[Packet] = []
+    append = packets.append
     pos = 0
     end = len(buf)
     mv = memoryview(buf)
     try:
         while pos < end:
             first = buf[pos]
-            try:
-                length, body_start = _read_varint(buf, pos + 1, end)
-            except IndexError:
-                break
+            # the remaining length inline when it takes one or two bytes (< 16 KiB)
+            if pos + 3 < end and buf[pos + 1] < 0x80:
+                length, body_start = buf[pos + 1], pos + 2
+            elif pos + 3 < end and buf[pos + 2] < 0x80:
+                length, body_start = (buf[pos + 1] & 0x7F) | (buf[pos + 2] << 7), pos + 3
+            else:
+                try:
+                    length, body_start = _read_varint(buf, pos + 1, end)
+                except IndexError:
+                    break
             body_end = body_start + length
             if body_end > end:
                 break
             try:
-                packets.append(_parse(first, mv[body_start:body_end]))
+                if first >> 4 == 3:
+                    p = body_start + 2 + ((buf[body_start] << 8) | buf[body_start + 1])
+                    if p > body_end or body_start + 2 > body_end:
+                        raise IndexError
+                    topic = str(mv[body_start + 2 : p], "utf-8")
+                    qos = (first >> 1) & 0x03
+                    packet_id = None
+                    if qos:
+                        if p + 2 > body_end:
+                            raise IndexError
+                        packet_id = (buf[p] << 8) | buf[p + 1]
+                        p += 2
+                    if p >= body_end:  # MQTT 5: the property length is always there
+                        raise IndexError
+                    props = buf[p]
+                    if props < 0x80:
+                        p += 1 + props
+                    else:
+                        props, p = _read_varint(buf, p, body_end)
+                        p += props
+                    if p > body_end:
+                        raise IndexError
+                    fields = (topic, bytes(mv[p:body_end]), qos, packet_id, first & 1 == 1)
+                    append(_new_tuple(Publish, (*fields, first & 8 == 8)))
+                else:
+                    append(_parse(first, mv[body_start:body_end]))
             except (IndexError, UnicodeDecodeError):
                 raise MqttProtocolError(f"malformed packet of type {first >> 4}") from None
             pos = body_end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -87,3 +88,19 @@ def test_stream_split_anywhere_yields_the_same_packets(payloads: list[bytes], st
         del buf[:used]
         got += [p for p in packets if isinstance(p, Publish)]
     assert [p.payload for p in got] == payloads and not buf
+
+
+@given(st.binary(min_size=0, max_size=40), st.binary(max_size=40))
+def test_a_malformed_publish_never_reads_into_the_next_packet(body: bytes, after: bytes) -> None:
+    """The inline PUBLISH parser checks each index against its own packet's end."""
+    alone = bytearray(bytes([0x32]) + encode_varint(len(body)) + body)
+    followed = alone + encode_publish("t/next", after, qos=1, packet_id=7)
+    try:
+        first, _ = read_packets(alone)
+    except MqttProtocolError:
+        with pytest.raises(MqttProtocolError):  # not completed with the next packet's bytes
+            read_packets(followed)
+        return
+    packets, used = read_packets(followed)
+    assert used == len(followed)
+    assert packets == [*first, Publish("t/next", after, 1, 7)]
