@@ -182,9 +182,10 @@ async def test_acknowledged_at_90_s_stops_at_level_1_and_the_wristband_is_told_h
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()
 
 
-def saved(broker: MosquittoInstance, before: float) -> bool:
+def persisted_at(broker: MosquittoInstance) -> int:
+    """When the broker last wrote its persistence file (ns; -1: never)."""
     db = broker.data_dir / "mosquitto.db"
-    return db.exists() and db.stat().st_mtime > before
+    return db.stat().st_mtime_ns if db.exists() else -1
 
 
 async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_runs_once(
@@ -200,9 +201,9 @@ async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_run
         await until_true(lambda: len(device_audit(database, alert_id)) == 1, 20, "first result")
         # The broker writes its sessions (the edge's subscription, the server's session)
         # to disk now, so the restarted broker still has them.
-        before = broker.data_dir.stat().st_mtime - 1
+        before = persisted_at(broker)
         os.kill(broker.process.pid, signal.SIGUSR1)
-        await until_true(lambda: saved(broker, before), 10, "the broker's persistence file")
+        await until_true(lambda: persisted_at(broker) > before, 10, "the broker's persistence")
 
         os.kill(broker.process.pid, signal.SIGSTOP)  # no PUBACK will come
         await acknowledge_at(database, alert_id, t0 + timedelta(seconds=90))
