@@ -12,6 +12,7 @@ command is neither lost nor carried out twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -22,8 +23,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import GATEWAY_PASSWORDS, ServerProcess, scalar
-from test_alert_engine import DISTRICT, ingest, rows
+from support import GATEWAY_PASSWORDS, SERVER_PASSWORDS, Collector, ServerProcess, scalar
+from test_alert_engine import DISTRICT, T0, ingest, rows
 from test_alert_engine_processes import set_clock
 
 from alerting.downlink import COMMAND_NAMESPACE, HELP_COMING
@@ -31,8 +32,10 @@ from alerting.lifecycle import acknowledge
 from alerting.model import Channel, staff_actor
 from gateway.alerts.audit_verify import verify
 from gateway.alerts.district import District, import_district
-from gateway.alerts.unit_of_work import command
+from gateway.alerts.downlink import publish_pending
+from gateway.alerts.unit_of_work import command, intake_batch
 from gateway.local.mosquitto import MosquittoInstance
+from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint
 from gateway.simulate import BrokerLogin, RunningSimulation, simulation
 from simulators.scenario import Scenario, ScenarioDevice
 
@@ -244,3 +247,54 @@ async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_run
         assert [r[3] for r in device_audit(database, alert_id)] == [
             "alarm_received", "acknowledge", "locate"]  # fmt: skip
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+
+
+async def test_servers_share_the_outbox_a_row_another_holds_is_skipped_never_sent_twice(
+    database: str, broker: MosquittoInstance
+) -> None:
+    """Another server is mid-pass on one row (its lock held here): this server publishes
+    the other row at once, not that one; once released, it goes out too, each once."""
+    await asyncio.to_thread(import_district, database, District.model_validate(DISTRICT))
+    await asyncio.to_thread(ingest, database, SITE, "wb-1", "sos")
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as work:
+        await intake_batch(work, T0)
+        (held,) = await (await work.execute("SELECT command_id FROM downlink_outbox")).fetchone()
+        other = uuid.uuid4()
+        await work.execute(
+            "INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action,"
+            " created_at) SELECT %s, alert_id, site_id, device_id, 'locate', created_at"
+            " FROM downlink_outbox WHERE command_id = %s", (other, held))  # fmt: skip
+        watcher = Collector(broker.port, "server-2", SERVER_PASSWORDS["server-2"],
+                            f"eldersafe/v1/{SITE}/+/command")  # fmt: skip
+        session = MqttConsumer(
+            MqttEndpoint("127.0.0.1", broker.port, "server", SERVER_PASSWORDS["server"]),
+            client_id="server", filters=[f"eldersafe/v1/{SITE}/+/status"],
+            on_publish=lambda _epoch, _packet: None,
+        )  # fmt: skip
+        running = asyncio.create_task(session.run())
+        try:
+            await asyncio.wait_for(session.connected.wait(), 10)
+
+            def seen() -> list[str]:
+                return [json.loads(p)["command_id"] for _, p in list(watcher.messages)]
+
+            async with await psycopg.AsyncConnection.connect(database) as other_server:
+                await other_server.execute(
+                    "SELECT 1 FROM downlink_outbox WHERE command_id = %s FOR UPDATE", (held,)
+                )
+                claimed = await asyncio.wait_for(publish_pending(work, session, 16, 5), 10)
+                assert claimed == 1
+                await until_true(lambda: seen() == [str(other)], 10, "the free row published")
+                assert await (await work.execute(
+                    "SELECT published_at FROM downlink_outbox WHERE command_id = %s", (held,)
+                )).fetchone() == (None,)  # fmt: skip
+                await other_server.rollback()  # the other server's pass ends without it
+            assert await asyncio.wait_for(publish_pending(work, session, 16, 5), 10) == 1
+            await until_true(lambda: sorted(seen()) == sorted([str(other), str(held)]), 10,
+                             "the released row published")  # fmt: skip
+            assert await asyncio.wait_for(publish_pending(work, session, 16, 5), 10) == 0
+            assert sorted(seen()) == sorted([str(other), str(held)])  # each once
+        finally:
+            running.cancel()
+            await session.close()
+            watcher.close()
