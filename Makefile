@@ -21,3 +21,5 @@ test: lint
 bench: setup
 	$(VENV)/python bench/ingest.py
 	$(VENV)/python bench/edge.py
+	$(VENV)/python bench/escalation.py
+	$(VENV)/python bench/alert_latency.py
