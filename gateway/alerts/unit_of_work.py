@@ -49,6 +49,7 @@ from alerting.rules import (
     dedup_keys,
     signal_key,
 )
+from device_drivers import profiles as device_profiles
 from gateway.alerts.directory import Directory, load_policy_book
 from gateway.alerts.store import PgAlertTransaction
 
@@ -143,6 +144,8 @@ async def persist(
             out.notices += 1
         await tx.audit([u.audit() for u in batch.unstaffed])
     for d in effects.downlinks:
+        if not await _device_accepts(tx, d.site_id, d.device_id, d.action):
+            continue
         await tx.conn.execute(
             _DOWNLINK, (d.command_id, d.alert_id, d.site_id, d.device_id, d.action, now)
         )
@@ -152,6 +155,28 @@ async def persist(
     if effects.next_step_at:
         # Timer workers sleep until the earliest deadline they know: tell them at commit.
         await tx.conn.execute("SELECT pg_notify('engine_timers', '')")
+
+
+async def _device_accepts(tx: PgAlertTransaction, site: str, device: str, action: str) -> bool:
+    """Whether the device's profile can carry out ``action`` (``Profile.commands``).
+
+    The engine's downlinks are per alert type ("alarm received" blinks a button's
+    LED; a wristband has no such command): a command the profile lacks is not
+    queued at all. A device the registry does not know is sent the command, and
+    the edge's answer says what became of it.
+    """
+    row = await (
+        await tx.conn.execute(
+            "SELECT profile FROM devices WHERE site_id = %s AND id = %s", (site, device)
+        )
+    ).fetchone()
+    if row is None:
+        return True
+    try:
+        commands = device_profiles.get(str(row[0])).commands
+    except KeyError:
+        return True
+    return action in commands
 
 
 async def _settle_and_persist(

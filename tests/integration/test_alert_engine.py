@@ -121,6 +121,20 @@ async def drain(dsn: str, now: datetime) -> int:
         return total
 
 
+async def test_a_button_press_is_answered_alarm_received_and_a_band_is_not(district: str) -> None:
+    """Downlinks follow the device's profile: a button's LED blinks "alarm received";
+    a wristband has no such command, so none is queued for it."""
+    dsn = district
+    rows(dsn, "INSERT INTO devices (site_id, id, profile, address) VALUES"
+              " ('site-b', 'btn-1', 'es-cb1', '00012345') RETURNING id")  # fmt: skip
+    ingest(dsn, "site-b", "btn-1", "sos")
+    ingest(dsn, "site-a", "wb-1", "fall")
+    assert await drain(dsn, T0) == 2
+    assert rows(dsn, "SELECT device_id, action FROM downlink_outbox") == [
+        ("btn-1", "alarm_received")
+    ]
+
+
 async def test_event_becomes_exactly_one_alert_and_redelivery_adds_nothing(district: str) -> None:
     dsn = district
     e1 = ingest(dsn, "site-a", "wb-1", "sos")
@@ -138,9 +152,10 @@ async def test_event_becomes_exactly_one_alert_and_redelivery_adds_nothing(distr
     assert await drain(dsn, T0) == 1
     assert rows(dsn, "SELECT count(*), max(count) FROM alerts") == [(1, 1)]
     assert rows(dsn, "SELECT count(*) FROM engine_inbox") == [(0,)]
-    # The first rung went out at once, and the button was told "alarm received".
+    # The first rung went out at once. "Alarm received" is a button's LED command:
+    # the wristband's profile lacks it, so nothing is queued for the band yet.
     assert rows(dsn, "SELECT step_id FROM alert_steps") != []
-    assert rows(dsn, "SELECT action FROM downlink_outbox") == [("alarm_received",)]
+    assert rows(dsn, "SELECT action FROM downlink_outbox") == []
 
 
 async def test_one_press_two_receivers_and_repeats_is_one_alert(district: str) -> None:
@@ -226,10 +241,7 @@ async def test_acknowledged_at_90_s_stops_at_level_1_and_tells_the_wristband(
     assert steps(dsn) == [("level", 0), ("level", 1)]
     assert rows(dsn, "SELECT status, level FROM alerts") == [("acknowledged", 1)]
     downlinks = "SELECT site_id, device_id, action FROM downlink_outbox ORDER BY created_at"
-    assert rows(dsn, downlinks) == [
-        ("site-a", "wb-1", "alarm_received"),
-        ("site-a", "wb-1", "acknowledge"),
-    ]
+    assert rows(dsn, downlinks) == [("site-a", "wb-1", "acknowledge")]
     # The next wake-up is the 10-minute reminder, not a rung.
     assert rows(dsn, "SELECT next_step_at FROM alerts") == [(T0 + timedelta(seconds=690),)]
 

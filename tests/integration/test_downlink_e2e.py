@@ -161,10 +161,10 @@ async def test_acknowledged_at_90_s_stops_at_level_1_and_the_wristband_is_told_h
         confirmed = ("notified", "device_confirmed", str(ack_id), "acknowledge",
                      f"device:{SITE}/wb-1")  # fmt: skip
         await until_true(lambda: confirmed in device_audit(database, alert_id), 20, "confirmed")
-        # "alarm received" at the opening is a call-button command: the band's profile
-        # refuses it before the wire, and the alert records that too.
+        # "alarm received" at the opening is a call-button command: a wristband's
+        # profile lacks it, so the engine never queues it for the band.
         refused = [r for r in device_audit(database, alert_id) if r[0] == "delivery_failed"]
-        assert [(r[1], r[3]) for r in refused] == [("device_refused", "alarm_received")]
+        assert refused == []
         shown = rows(
             database,
             "SELECT action, alert->'device_command'->>'command_id', alert->>'status'"
@@ -177,7 +177,7 @@ async def test_acknowledged_at_90_s_stops_at_level_1_and_the_wristband_is_told_h
             "SELECT action, published_at IS NOT NULL, last_error FROM downlink_outbox"
             " WHERE alert_id = %s ORDER BY created_at",
             (alert_id,),
-        ) == [("alarm_received", True, None), ("acknowledge", True, None)]
+        ) == [("acknowledge", True, None)]
         assert control is not None
         read, problems = await asyncio.to_thread(verify, database)
         assert read > 0 and problems == ()
@@ -200,7 +200,14 @@ async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_run
                           log_path=tmp_path / "edge.log") as sim:  # fmt: skip
         band = sim.site.wristbands["wb-1"]
         alert_id = await sos_alert(database, sim)
-        # "alarm received" is published, acknowledged by the broker, answered by the edge.
+        # A first command (locate) is published, acknowledged by the broker, answered by
+        # the edge: the whole path is up before the broker is frozen.
+        await asyncio.to_thread(
+            rows, database,
+            "INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action,"
+            " created_at) VALUES (%s, %s, %s, 'wb-1', 'locate', now()) RETURNING command_id",
+            (uuid.uuid4(), alert_id, SITE),
+        )  # fmt: skip
         await until_true(lambda: len(device_audit(database, alert_id)) == 1, 20, "first result")
         # The broker writes its sessions (the edge's subscription, the server's session)
         # to disk now, so the restarted broker still has them.
@@ -227,7 +234,9 @@ async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_run
         broker.kill()
         await asyncio.to_thread(broker.start)
 
-        await until_true(lambda: [c.data for c in band.commands] == [b"\x01"], 40, "0x01")
+        await until_true(
+            lambda: [c.data for c in band.commands] == [b"\x02", b"\x01"], 40, "0x01"
+        )
         await until_true(lambda: (o := outbox()) is not None and o[1] is not None, 20, "PUBACK")
         await until_true(lambda: len(device_audit(database, alert_id)) == 2, 20, "second result")
 
@@ -240,12 +249,14 @@ async def test_a_command_waiting_for_its_puback_survives_a_broker_killed_and_run
             " created_at) VALUES (%s, %s, %s, 'wb-1', 'locate', now()) RETURNING command_id",
             (locate, alert_id, SITE),
         )  # fmt: skip
-        await until_true(lambda: [c.data for c in band.commands] == [b"\x01", b"\x02"], 20, "0x02")
+        await until_true(
+            lambda: [c.data for c in band.commands] == [b"\x02", b"\x01", b"\x02"], 20, "0x02"
+        )
         await until_true(lambda: len(device_audit(database, alert_id)) == 3, 20, "third result")
         commands = sim.health().get("commands") or {}
         assert commands.get("duplicate", 0) == 0, f"the edge saw a command twice: {commands}"
         assert [r[3] for r in device_audit(database, alert_id)] == [
-            "alarm_received", "acknowledge", "locate"]  # fmt: skip
+            "locate", "acknowledge", "locate"]  # fmt: skip
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()
 
 
@@ -258,12 +269,15 @@ async def test_servers_share_the_outbox_a_row_another_holds_is_skipped_never_sen
     await asyncio.to_thread(ingest, database, SITE, "wb-1", "sos")
     async with await psycopg.AsyncConnection.connect(database, autocommit=True) as work:
         await intake_batch(work, T0)
-        (held,) = await (await work.execute("SELECT command_id FROM downlink_outbox")).fetchone()
-        other = uuid.uuid4()
-        await work.execute(
-            "INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action,"
-            " created_at) SELECT %s, alert_id, site_id, device_id, 'locate', created_at"
-            " FROM downlink_outbox WHERE command_id = %s", (other, held))  # fmt: skip
+        # a wristband's SOS queues nothing at its opening: two commands by hand
+        (alert_id,) = await (await work.execute("SELECT id FROM alerts")).fetchone()
+        held, other = uuid.uuid4(), uuid.uuid4()
+        for command_id in (held, other):
+            await work.execute(
+                "INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action,"
+                " created_at) VALUES (%s, %s, %s, 'wb-1', 'locate', now())",
+                (command_id, alert_id, SITE),
+            )  # fmt: skip
         watcher = Collector(broker.port, "server-2", SERVER_PASSWORDS["server-2"],
                             f"eldersafe/v1/{SITE}/+/command")  # fmt: skip
         session = MqttConsumer(
