@@ -25,3 +25,20 @@ def test_every_profile_command_is_a_contract_action() -> None:
     actions = {a.value for a in ContractAction}
     for profile in all_profiles().values():
         assert profile.commands <= actions, profile.name
+
+
+def test_the_alert_engine_reads_the_contracts_event_types_and_phases() -> None:
+    # alerting/ imports no gateway module, so it mirrors these; a drift would make
+    # the engine dead-letter (or misread) events ingest accepted
+    from alerting.rules import EventKind
+    from alerting.rules import Phase as EnginePhase
+    from gateway.contract.payloads import Phase
+
+    assert {k.value for k in EventKind} == {t.value for t in EventType}
+    assert {p.value for p in EnginePhase} == {p.value for p in Phase}
+
+
+def test_the_engines_downlinks_are_contract_actions() -> None:
+    from alerting.downlink import ALARM_RECEIVED, HELP_COMING
+
+    assert {ALARM_RECEIVED, HELP_COMING} <= {a.value for a in ContractAction}
