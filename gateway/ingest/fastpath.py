@@ -28,7 +28,8 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from gateway.contract.payloads import _DAY_US, EARLIEST_TIME, window_limit
+from gateway.contract import payloads as _contract
+from gateway.contract.payloads import _DAY_US, _ORDINAL_1970, EARLIEST_TIME, MAX_AHEAD
 
 _ORDINAL_2000 = datetime(2000, 1, 1).toordinal()  # PostgreSQL's timestamp epoch
 _EPOCH_2000 = datetime(2000, 1, 1, tzinfo=UTC)
@@ -37,6 +38,9 @@ _ONE_US = timedelta(microseconds=1)
 _WINDOW_SHIFT = _ORDINAL_2000 * _DAY_US
 _EARLIEST_US = (EARLIEST_TIME - _EPOCH_2000) // _ONE_US  # 0, spelled out
 _NUMBER_LIMIT = 2.0**63
+# window_limit() inlined, on COPY's scale: round((clock() + 24 h) * 1e6) + _LATEST_SHIFT
+_AHEAD_S = MAX_AHEAD.total_seconds()
+_LATEST_SHIFT = _ORDINAL_1970 * _DAY_US - _WINDOW_SHIFT
 
 _TIME_SHAPE = re.compile(
     r"\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?"
@@ -120,7 +124,8 @@ class TelemetryFastPath:
         default_us = times.get(doc["time"]) or self._time(doc["time"])
         if default_us is None:
             return None
-        latest = window_limit() - _WINDOW_SHIFT  # one clock read per message, like the model
+        # one read of the contract's clock per message, like the model's window_limit()
+        latest = round((_contract.clock() + _AHEAD_S) * 1e6) + _LATEST_SHIFT
         if default_us < _EARLIEST_US or default_us > latest:
             return None
         rows = bytearray()

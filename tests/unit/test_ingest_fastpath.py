@@ -206,7 +206,7 @@ def test_fast_path_takes_every_valid_payload_with_the_models_rows(doc: dict[str,
     assert TelemetryFastPath().rows(payload, FIELDS) == model
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(near_valid_docs())
 def test_fast_path_accepts_only_what_the_model_accepts(doc: dict[str, Any]) -> None:
     check(json.dumps(doc, allow_nan=True).encode())
