@@ -1,7 +1,8 @@
 """Issue 7's scale acceptance with real processes: two ``eldersafe server`` processes sharing
 the MQTT subscription against one Mosquitto and one PostgreSQL run 500 escalating SOS alerts
 up the whole ladder (0 s, 60 s, 3 min, 5 min on the database-driven engine clock); one server
-is SIGKILLed while steps and notices are due. Every notification happens exactly once: one
+is SIGKILLed while steps and notices are due, and at the end both are killed between events'
+commit and their alerts. Every notification happens exactly once: one
 ``alert_steps`` row per rung, one ``notifications`` row per person and step, one ``notified``
 audit entry per idempotency key (``eldersafe audit verify`` passes), and every key at the
 local receivers (Apprise's json:// target, the voice provider, the bureau's webhook).
@@ -19,6 +20,7 @@ import hmac
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from urllib.parse import unquote
 import psycopg
 import pytest
 from support import SERVER_PASSWORDS, publish_all, scalar, wait_for
+from test_alert_engine import ingest
 
 from gateway.alerts.district import District, import_district
 from gateway.broker_auth import BrokerAccount, hash_password
@@ -368,6 +371,24 @@ def test_two_servers_500_escalating_alerts_every_notification_once_through_a_sig
         assert set(doubles) == cut_by_the_kill, f"keys sent twice: {sorted(doubles)[:10]}"
         assert len(doubles) <= 2 * 20, doubles  # a server's passes × batch in flight
         assert first_rungs_by == 2, "both servers should have fired first rungs"
+
+        # Killed between an event's commit and its alert: both servers stopped dead, events
+        # committed as ingest commits them (with their inbox rows), both SIGKILLed; the
+        # restarted one raises every alert with its first rung.
+        for s in (a, b):
+            assert s.proc is not None
+            os.kill(s.proc.pid, signal.SIGSTOP)
+        late = T0 + timedelta(seconds=RUNGS[3] + 120)
+        for i in range(SITES):
+            ingest(database, site_id(i), "btn-late", "sos", at=late)
+        assert scalar(database, "SELECT count(*) FROM engine_inbox") == SITES
+        a.kill()
+        b.kill()
+        b.start()
+        wait_for(lambda: scalar(database, "SELECT count(*) FROM alert_steps") == 4 * alerts
+                 + SITES and scalar(database, "SELECT count(*) FROM engine_inbox") == 0, 40,
+                 f"the alerts of the committed events after the restart{logs()}")  # fmt: skip
+        assert scalar(database, "SELECT count(*) FROM alerts WHERE device_id = 'btn-late'") == SITES
     finally:
         receivers.close()
 
