@@ -380,6 +380,13 @@ class AsyncOutbox:
     def __init__(self, outbox: Outbox) -> None:
         self.sync = outbox
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        # The level each (device, kind) is known to have on disk, and the calls for
+        # it still running: a Modbus poll reports every level every second, and a
+        # repeat of a stored level needs no transaction. Only a key with nothing in
+        # flight is answered from memory, so a raise queued behind a clear is never
+        # mistaken for "unchanged".
+        self._levels: dict[tuple[str, str], bool] = {}
+        self._level_calls: dict[tuple[str, str], int] = {}
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
@@ -392,7 +399,22 @@ class AsyncOutbox:
     async def add_condition(
         self, device: str, kind: str, active: bool, build: EventBuilder
     ) -> Accepted:
-        return await self._run(partial(self.sync.add_condition, device, kind, active, build))
+        key = (device, kind)
+        if not self._level_calls.get(key) and self._levels.get(key) is active:
+            return Accepted(None)
+        self._level_calls[key] = self._level_calls.get(key, 0) + 1
+        try:
+            accepted = await self._run(
+                partial(self.sync.add_condition, device, kind, active, build)
+            )
+        finally:
+            left = self._level_calls[key] - 1
+            if left:
+                self._level_calls[key] = left
+            else:
+                del self._level_calls[key]
+        self._levels[key] = active  # committed: the stored level is this one
+        return accepted
 
     async def peek(self, after_seq: int, limit: int) -> list[OutboxItem]:
         return await self._run(partial(self.sync.peek, after_seq, limit))

@@ -195,7 +195,10 @@ class ObservationRouter:
     async def raise_condition(
         self, device: Device, kind: ConditionKind, active: bool, data: Mapping[str, Scalar]
     ) -> None:
-        build = self._builder(device, kind.value, data, None)
+        def build(event_id: uuid.UUID, phase: str) -> tuple[str, bytes]:
+            # built only when the level changed (most reports repeat the stored one)
+            return self._builder(device, kind.value, data, None)(event_id, phase)
+
         accepted = await self.outbox.add_condition(device.id, kind.value, active, build)
         if accepted.event_id is not None:
             self.counters["events"] += 1
