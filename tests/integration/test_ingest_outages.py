@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 from support import GATEWAY_PASSWORDS, EventStream, scalar, wait_for
+
+
+def stored(dsn: str) -> int:
+    return int(scalar(dsn, "SELECT count(*) FROM device_events"))
 
 
 def assert_exactly_once(dsn: str, sent: list[str]) -> None:
@@ -30,13 +32,17 @@ def test_database_outage_of_20s_loses_and_doubles_nothing(
     stream = EventStream(
         broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200
     ).start()
-    time.sleep(3)
+    # the phases are counted in events sent (200/s), not slept: 20 s of outage is
+    # 4,000 events published while PostgreSQL is down
+    wait_for(lambda: stored(database) >= 300, 30, "events flowing into the database")
     pg_cluster.stop("fast")
     try:
-        time.sleep(20)
+        down_at = len(stream.ids)
+        wait_for(lambda: len(stream.ids) >= down_at + 4000, 60, "4,000 events during the outage")
     finally:
         pg_cluster.start()
-    time.sleep(3)
+    up_at = len(stream.ids)
+    wait_for(lambda: len(stream.ids) >= up_at + 600, 30, "600 more events after the outage")
     sent = stream.stop()
     assert len(sent) > 200 * 24
     assert_exactly_once(database, sent)
@@ -53,13 +59,17 @@ def test_server_killed_with_sigkill_loses_and_doubles_nothing(
     stream = EventStream(
         broker.port, "gw-site-a", GATEWAY_PASSWORDS["gw-site-a"], "site-a", 200
     ).start()
-    time.sleep(4)
+    wait_for(lambda: stored(database) >= 600, 30, "events flowing into the database")
     server.kill()
-    time.sleep(3)  # events keep coming; the broker queues them for the persistent session
+    killed_at = len(stream.ids)
+    # events keep coming; the broker queues them for the persistent session
+    wait_for(lambda: len(stream.ids) >= killed_at + 600, 30, "600 events queued at the broker")
+    before = stored(database)
     server.start()
-    time.sleep(4)
+    wait_for(lambda: stored(database) >= before + 100, 30, "the backlog draining")
     server.kill()  # a second crash, right after the backlog started draining
     server.start()
-    time.sleep(3)
+    restarted_at = len(stream.ids)
+    wait_for(lambda: len(stream.ids) >= restarted_at + 600, 30, "600 more events")
     sent = stream.stop()
     assert_exactly_once(database, sent)
