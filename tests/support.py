@@ -150,6 +150,21 @@ def wait_for(
         time.sleep(interval)
 
 
+async def until(
+    predicate: Callable[[], object],
+    within_s: float = 5.0,
+    what: str = "a condition",
+    interval: float = 0.05,
+) -> None:
+    """Poll a condition with a deadline, in async tests: for state that has no event
+    to wait on (a counter, a file, a row)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 def scalar(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> Any:
     with psycopg.connect(dsn, connect_timeout=3) as conn:
         row = conn.execute(sql, params).fetchone()

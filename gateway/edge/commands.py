@@ -319,10 +319,16 @@ class CommandRouter:
             )
 
     async def _carry_out(self, incoming: Incoming) -> None:
+        # In progress until the answer is in the ledger: a redelivery that arrives
+        # between the device's action and the recorded answer (the ledger still says
+        # "received") must not take the command for one a restart left unanswered.
         try:
-            answer = await self._answer(incoming)
+            await self._carry_out_and_record(incoming)
         finally:
             self._in_progress.discard(incoming.command_id)
+
+    async def _carry_out_and_record(self, incoming: Incoming) -> None:
+        answer = await self._answer(incoming)
         result = CommandResultPayload(
             v=1,
             command_id=incoming.command_id,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from support import ObservationCollector
+from support import until as eventually
 
 from device_drivers.callbutton.driver import CallButtonReceiverDriver
 from device_drivers.model import (
@@ -68,13 +69,6 @@ async def sim() -> AsyncIterator[CallButtonReceiverSimulator]:
 
 def is_occ(kind: OccurrenceKind, address: str) -> Callable[[Observation], bool]:
     return lambda o: isinstance(o, Occurrence) and o.kind == kind and o.address == address
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll a condition with a deadline (for counters that have no event to wait on)."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_three_repeats_are_one_sos(sim: CallButtonReceiverSimulator) -> None:

@@ -12,16 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from support import GATEWAY_PASSWORDS
+from support import GATEWAY_PASSWORDS, until
 
 from gateway.local.mosquitto import MosquittoInstance
 from gateway.local.ports import free_port
@@ -31,14 +30,6 @@ from simulators.modbus_sensors import ModbusSensorBus
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-async def until(predicate: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

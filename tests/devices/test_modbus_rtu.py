@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from support import ObservationCollector
+from support import until as eventually
 
 from device_drivers.modbus.driver import ModbusBusDriver, ModbusUnit
 from device_drivers.model import (
@@ -71,13 +72,6 @@ async def running(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll a condition with a deadline (for counters that have no event to wait on)."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_first_poll_brings_every_unit_online_with_readings(bus: ModbusSensorBus) -> None:

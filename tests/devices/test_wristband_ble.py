@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from bleak import BleakScanner
 from bumble.link import LocalLink
+from support import until as eventually
 
 from device_drivers.ble.bumble_backend import BumbleCentral, BumbleClient, BumbleScanner
 from device_drivers.model import (
@@ -131,13 +132,6 @@ def is_occurrence(kind: OccurrenceKind) -> Callable[[Observation], bool]:
 
 def occurrences(seen: Collected, kind: OccurrenceKind) -> list[Occurrence]:
     return [o for o in seen.items if isinstance(o, Occurrence) and o.kind is kind]
-
-
-async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> None:
-    """Poll a condition with a deadline (for counters that have no event to wait on)."""
-    async with asyncio.timeout(within_s):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_plain_bleak_scanner_sees_the_wristband(rig: Rig) -> None:

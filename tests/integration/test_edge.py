@@ -35,7 +35,14 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, SERVER_PASSWORDS, Collector, publish_all
+from support import (
+    GATEWAY_PASSWORDS,
+    SERVER_PASSWORD,
+    SERVER_PASSWORDS,
+    Collector,
+    publish_all,
+    until,
+)
 
 from gateway.contract.payloads import CommandAction, CommandPayload, dump, now_utc
 from gateway.local.mosquitto import MosquittoInstance
@@ -177,14 +184,6 @@ def health(tmp_path: Path) -> dict[str, Any]:
         return dict(json.loads((tmp_path / "edge-state" / "health.json").read_text()))
     except (OSError, ValueError):
         return {}
-
-
-async def until(predicate: Callable[[], bool], limit_s: float, what: str) -> None:
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def edge_reading(tmp_path: Path, sim: CallButtonReceiverSimulator, pid: int) -> None:

@@ -333,7 +333,10 @@ async def test_a_command_taken_across_a_reconnect_is_acknowledged_on_the_new_con
         await until(lambda: collector.results(barrier.command_id) != [], 20, "the barrier")
         assert process.log.read_bytes().count(received) == 2
         assert len(sim.acks) == 2
-        assert len(collector.results(first.command_id)) == 1
+        # one answer; the edge may publish it again if it was killed before the
+        # broker's PUBACK reached it (at least once: the server keeps one per id)
+        answers = {json.dumps(r, sort_keys=True) for _, r in collector.results(first.command_id)}
+        assert len(answers) == 1
     finally:
         collector.close()
         print(process.tail())

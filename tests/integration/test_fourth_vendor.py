@@ -15,16 +15,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import support
 import yaml
-from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, Collector, publish_all
+from support import GATEWAY_PASSWORDS, SERVER_PASSWORD, Collector, publish_all, until
 from vendor_acme import HUSH_COIL
 from vendor_acme.bus import AcmeBus
 
@@ -90,14 +88,6 @@ def site_file(tmp_path: Path, broker_port: int, bus_url: str, plugins: list[str]
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-async def until(predicate: Callable[[], bool], within_s: float, what: str) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_acme_smoke_alarm_reaches_mqtt_as_an_event(

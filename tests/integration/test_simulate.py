@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 from support import SERVER_PASSWORD, Collector, publish_all
+from support import until as wait_until
 
 from gateway.broker_auth import BrokerAccount, hash_password
 from gateway.contract.payloads import CommandAction, CommandPayload, dump, now_utc
@@ -56,14 +57,6 @@ def matches(expected: dict[str, str], device: str, event: dict[str, object]) -> 
     return device == expected["device"] and all(
         event.get(k) == v for k, v in expected.items() if k != "device"
     )
-
-
-async def wait_until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def run(
