@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
+from support import until
 
 from gateway.alerts.district import District, import_district
 from gateway.alerts.unit_of_work import timers_tick
@@ -237,11 +238,12 @@ async def test_the_servers_engine_workers_run_the_sweep(district: str) -> None:
     crashes_before = REGISTRY.get_sample_value(crashes)
     workers = asyncio.create_task(EngineWorkers(dsn, "a", clock="database", poll_s=0.05).run())
     try:
-        deadline = time.monotonic() + 10
-        while rows(dsn, "SELECT count(*) FROM alerts") == [(0,)]:
-            assert time.monotonic() < deadline, "the workers raised no vital_signs alert"
-            assert not workers.done(), workers
-            await asyncio.sleep(0.05)  # polling a condition with a deadline
+        await until(
+            lambda: workers.done() or rows(dsn, "SELECT count(*) FROM alerts") != [(0,)],
+            10,
+            "the workers' vital_signs alert",
+        )
+        assert not workers.done(), workers
     finally:
         workers.cancel()
         with contextlib.suppress(asyncio.CancelledError):

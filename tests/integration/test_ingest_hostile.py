@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 import psycopg
-from support import GATEWAY_PASSWORDS, publish_all, scalar, wait_for
+from support import GATEWAY_PASSWORDS, publish_all, scalar, until, wait_for
 
 from gateway.contract.payloads import (
     CommandAction,
@@ -409,9 +409,7 @@ async def test_any_exception_while_writing_becomes_a_dead_letter(database: str) 
         # one batch: all delivered before the writer runs
         pipeline.on_publish(1, Publish(f"eldersafe/v1/{SITE}/btn-1/event", payload, 1, i + 1))
     try:
-        async with asyncio.timeout(20):
-            while pipeline.acked < 100:  # noqa: ASYNC110 - the counter is what is awaited
-                await asyncio.sleep(0.01)
+        await until(lambda: pipeline.acked >= 100, 20, "the batch acknowledged", interval=0.01)
     finally:
         writer.cancel()
         await store.close()
