@@ -6,12 +6,14 @@ server cannot start with a password that is printed in this repository.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEMO_SECRET = "eldersafe-demo-only"
+# the demo's token key: long enough for HS256 (RFC 7518 §3.2), refused in production
+DEMO_TOKEN_SECRET = DEMO_SECRET + "-signing-key-of-32-bytes"
 
 
 class Settings(BaseSettings):
@@ -58,6 +60,15 @@ class Settings(BaseSettings):
     notify_webhook_retry_s: tuple[float, ...] = (1, 2, 5, 10, 30, 60)
     notify_webhook_max_attempts: int = 24 * 60
     notify_passes: int = 2
+    # The staff API and console (gateway/api), served in the server's own event loop.
+    # Port 0: no API. Tokens are HS256 JWTs signed with api_token_secret,
+    # short-lived (the console renews its token while it is open).
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    api_token_secret: SecretStr = SecretStr(DEMO_TOKEN_SECRET)
+    api_token_ttl_s: Annotated[int, Field(ge=30, le=24 * 3600)] = 900
+    # PIPL: raw health telemetry (heart rate, SpO2) and locations are kept this long.
+    sensitive_retention_days: Annotated[int, Field(ge=1)] = 30
 
     @model_validator(mode="after")
     def _no_default_secrets(self) -> Settings:
@@ -87,6 +98,20 @@ class Settings(BaseSettings):
                 "ELDERSAFE_BUREAU_WEBHOOK_SECRET is the demo's default; set the key agreed with "
                 "the district's safety network (or ELDERSAFE_ENVIRONMENT=demo for the demo)"
             )
+
+    def check_api_secrets(self) -> None:
+        """Refuse the demo's token key (or a short one) outside demo and test: anyone who
+        knows the key can sign a token for any person. ``server`` calls it at start."""
+        if self.environment != "production" or not self.api_port:
+            return
+        key = self.api_token_secret.get_secret_value()
+        if key in (DEMO_SECRET, DEMO_TOKEN_SECRET):
+            raise ValueError(
+                "ELDERSAFE_API_TOKEN_SECRET is the demo's default; set a random key of at least"
+                " 32 bytes (or ELDERSAFE_ENVIRONMENT=demo for the demo)"
+            )
+        if len(key.encode()) < 32:
+            raise ValueError("ELDERSAFE_API_TOKEN_SECRET must be at least 32 bytes long")
 
     def server_accounts(self) -> dict[str, str]:
         """User name → password of every server process (this one's included)."""

@@ -18,6 +18,7 @@ import psycopg
 
 from gateway.alerts.downlink import DownlinkWorkers
 from gateway.alerts.workers import EngineWorkers
+from gateway.api.app import serve_api
 from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
@@ -108,6 +109,7 @@ async def incident_loop(dsn: str, incidents: asyncio.Queue[SessionIncident]) -> 
 
 async def serve(settings: Settings) -> None:
     notifier = runner_from(settings)  # refuses the demo's webhook key in production
+    settings.check_api_secrets()
     await asyncio.to_thread(migrate, settings.database_url)
     if settings.metrics_port:
         from prometheus_client import start_http_server
@@ -147,6 +149,8 @@ async def serve(settings: Settings) -> None:
                             settings.engine_clock, settings.engine_poll_s).run(),
             name="downlink"),
     ]
+    if settings.api_port:
+        tasks.append(asyncio.create_task(serve_api(settings), name="api"))
     log.info("server running: mqtt %s:%d", settings.mqtt_host, settings.mqtt_port)
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

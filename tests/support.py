@@ -21,6 +21,7 @@ import psycopg
 
 from device_drivers.model import Observation
 from gateway.broker_auth import BrokerAccount, hash_password
+from gateway.local.ports import free_port
 
 # The broker names each session after its account (use_username_as_clientid):
 # two clients of one account at once knock each other off. So each site has a
@@ -224,6 +225,7 @@ class ServerProcess:
     extra_env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     sessions_before_start: int = 0
+    api_port: int = field(default_factory=free_port)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -235,6 +237,7 @@ class ServerProcess:
                 "ELDERSAFE_MQTT_USERNAME": self.username,
                 "ELDERSAFE_MQTT_PASSWORD": SERVER_PASSWORDS[self.username],
                 "ELDERSAFE_MQTT_KEEPALIVE_S": "5",
+                "ELDERSAFE_API_PORT": str(self.api_port),
             }
         )
         env.update(self.extra_env)

@@ -1,0 +1,80 @@
+"""The FastAPI application and how ``eldersafe server`` runs it in its own event loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import psycopg
+import uvicorn
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.api.routes import alerts, auth
+from gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+ROUTERS = (auth.router, alerts.router)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            settings.database_url, min_size=2, max_size=20, open=False,
+            kwargs={"autocommit": True}, name="api",
+        )
+        await pool.open(wait=True, timeout=30)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="eldersafe staff API",
+        version="1",
+        description="Alerts, residents, sites, devices and the live feed of an eldersafe "
+        "district, scoped to the caller's part of the organisation tree.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    for router in ROUTERS:
+        app.include_router(router)
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def _bad_value(request: Request, exc: psycopg.errors.DataError) -> JSONResponse:
+        # a value PostgreSQL cannot take (out of range, bad encoding): the client's fault
+        return JSONResponse({"detail": f"value not accepted: {exc.diag.message_primary}"},
+                            status.HTTP_400_BAD_REQUEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/console/")
+
+    console = resources.files("gateway.api").joinpath("console")
+    if console.is_dir():
+        app.mount("/console", StaticFiles(directory=str(console), html=True), name="console")
+    return app
+
+
+async def serve_api(settings: Settings) -> None:
+    """Serve until cancelled (the server's other tasks share this loop)."""
+    config = uvicorn.Config(
+        create_app(settings), host=settings.api_host, port=settings.api_port,
+        log_level="warning", access_log=False, lifespan="on", ws_max_size=64 * 1024,
+        timeout_graceful_shutdown=2, proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    log.info("staff API on http://%s:%d", settings.api_host, settings.api_port)
+    await server.serve()

@@ -1,0 +1,100 @@
+"""The staff API on alerts: log in, list, act, double taps, and the tenancy walls."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import psycopg
+from api_support import T0, api_client, login, raise_event, seed_tenants
+from support import scalar
+from test_alert_engine import drain
+
+
+async def test_duty_acknowledges_and_the_audit_names_them(database: str) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    await drain(database, T0)
+    async with api_client(database) as api:
+        duty = await login(api, "duty-a")
+        page = (await api.get("/api/alerts", headers=duty)).json()
+        assert [a["type"] for a in page["items"]] == ["fall"]
+        alert = page["items"][0]
+        assert alert["resident"]["name"] == "王秀英" and not alert["masked"]
+        acked = await api.post(f"/api/alerts/{alert['id']}/acknowledge", headers=duty)
+        assert acked.status_code == 200, acked.text
+        assert acked.json()["status"] == "acknowledged"
+        again = await api.post(f"/api/alerts/{alert['id']}/acknowledge", headers=duty)
+        assert again.status_code == 409
+        detail = (await api.get(f"/api/alerts/{alert['id']}", headers=duty)).json()
+        ack = [e for e in detail["timeline"] if e["action"] == "acknowledged"]
+        assert [(e["actor"], e["actor_name"]) for e in ack] == [("staff:duty-a", "刘护工")]
+    assert scalar(database, "SELECT acknowledged_by FROM alerts") == "staff:duty-a"
+
+
+async def test_another_units_alert_is_404_and_absent_from_lists(database: str) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "sos")
+    raise_event(database, "site-b", "wb-b", "fall")
+    raise_event(database, "site-c", "wb-c", "sos")
+    await drain(database, T0)
+    with psycopg.connect(database) as conn:
+        ids = dict(conn.execute("SELECT site_id, id::text FROM alerts").fetchall())
+    async with api_client(database) as api:
+        duty_a = await login(api, "duty-a")
+        mine = (await api.get("/api/alerts", headers=duty_a)).json()["items"]
+        assert [a["site"]["id"] for a in mine] == ["site-a"]
+        for path in (f"/api/alerts/{ids['site-b']}", f"/api/alerts/{ids['site-b']}/acknowledge"):
+            answer = await (api.get(path, headers=duty_a) if "ack" not in path
+                            else api.post(path, headers=duty_a))
+            assert answer.status_code == 404 and ids["site-b"] in answer.text
+            assert "李" not in answer.text and "station-b" not in answer.text
+        missing = await api.get(f"/api/alerts/{uuid.uuid4()}", headers=duty_a)
+        assert missing.status_code == 404
+        # the other unit's id as a filter: an empty list, as for a unit that does not exist
+        other = await api.get("/api/alerts", params={"unit": "station-b"}, headers=duty_a)
+        assert other.json()["items"] == []
+        street = await login(api, "street-1")
+        seen = (await api.get("/api/alerts", headers=street)).json()["items"]
+        assert sorted(a["site"]["id"] for a in seen) == ["site-a", "site-b"]
+        # above the responsible unit, before any escalation: masked
+        assert all(a["masked"] for a in seen)
+        assert {a["resident"]["name"] for a in seen} == {"王**", "李**"}
+        assert all("*" in a["resident"]["phone"] for a in seen)
+        bureau = await login(api, "bureau-1")
+        everything = (await api.get("/api/alerts", headers=bureau)).json()["items"]
+        assert len(everything) == 3 and all(a["masked"] for a in everything)
+
+
+async def test_double_tap_with_one_idempotency_key_is_one_acknowledgement(database: str) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    await drain(database, T0)
+    alert_id = scalar(database, "SELECT id::text FROM alerts")
+    async with api_client(database) as api:
+        duty = await login(api, "duty-a")
+        headers = {**duty, "Idempotency-Key": "tap-1"}
+        path = f"/api/alerts/{alert_id}/acknowledge"
+        first, second = await asyncio.gather(api.post(path, headers=headers),
+                                             api.post(path, headers=headers))
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert first.json() == second.json()
+        reused = await api.post(f"/api/alerts/{alert_id}/on-scene", headers=headers)
+        assert reused.status_code == 422
+    assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'acknowledged'") == 1
+
+
+async def test_bad_requests_are_4xx_with_a_reason(database: str) -> None:
+    seed_tenants(database)
+    async with api_client(database) as api:
+        assert (await api.get("/api/alerts")).status_code == 401
+        bad = await api.get("/api/alerts", headers={"Authorization": "Bearer nonsense"})
+        assert bad.status_code == 401 and "invalid token" in bad.text
+        wrong = await api.post("/api/auth/login", json={"username": "duty-a", "password": "x"})
+        assert wrong.status_code == 401
+        duty = await login(api, "duty-a")
+        for params in ({"cursor": "@@@"}, {"since": "2026-01-01T00:00:00"}, {"limit": "0"},
+                       {"status": "burning"}):
+            answer = await api.get("/api/alerts", params=params, headers=duty)
+            assert 400 <= answer.status_code < 500, (params, answer.text)
+        assert (await api.get("/api/alerts/not-a-uuid", headers=duty)).status_code == 422
