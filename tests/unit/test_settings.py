@@ -38,3 +38,24 @@ def test_every_server_process_has_its_own_account(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ELDERSAFE_MQTT_SERVER_ACCOUNTS", f'{{"server-2": "{DEMO_SECRET}"}}')
     with pytest.raises(ValidationError, match="demo's default"):
         Settings()
+
+
+def test_production_server_refuses_the_demo_token_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever knows the token key can sign a token for anyone: the demo's, or a short key,
+    stops a production server at start; a disabled API needs none."""
+    monkeypatch.setenv("ELDERSAFE_ENVIRONMENT", "production")
+    monkeypatch.setenv("ELDERSAFE_MQTT_PASSWORD", "a-real-secret")
+    monkeypatch.delenv("ELDERSAFE_API_TOKEN_SECRET", raising=False)
+    with pytest.raises(ValueError, match="API_TOKEN_SECRET is the demo's default"):
+        Settings().check_api_secrets()
+    monkeypatch.setenv("ELDERSAFE_API_TOKEN_SECRET", "short")
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        Settings().check_api_secrets()
+    monkeypatch.setenv("ELDERSAFE_API_TOKEN_SECRET", "k" * 32)
+    Settings().check_api_secrets()
+    monkeypatch.delenv("ELDERSAFE_API_TOKEN_SECRET")
+    monkeypatch.setenv("ELDERSAFE_API_PORT", "0")
+    Settings().check_api_secrets()
+    monkeypatch.setenv("ELDERSAFE_ENVIRONMENT", "demo")
+    monkeypatch.delenv("ELDERSAFE_API_PORT")
+    Settings().check_api_secrets()
