@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     telemetry_retention_days: int = 90
     retention_check_interval_s: float = 3600.0
     metrics_port: int | None = None
+    # 0.0.0.0 in a container, so that Prometheus in another container can scrape it
+    metrics_host: str = "127.0.0.1"
+    # the district's alert series (gateway/metrics_district.py) are read from the
+    # database at most this often, however many scrapers ask
+    metrics_district_cache_s: float = Field(5.0, ge=0)
     # Alert engine: "database" reads time from table engine_clock (tests drive it;
     # refused in production); the poll is the fallback to LISTEN/NOTIFY wake-ups.
     engine_clock: Literal["system", "database"] = "system"

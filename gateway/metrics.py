@@ -58,6 +58,13 @@ NOTIFY_ATTEMPTS = Counter(
     "notice delivery attempts by channel and result (delivered, failed)",
     ["channel", "result"],
 )
+NOTIFY_TIME_TO_DELIVER = Histogram(
+    "eldersafe_notify_time_to_deliver_seconds",
+    "from the escalation step that made a notice to its first delivery, by the channel"
+    " that delivered it (observed by the server that delivered it: sum over servers)",
+    ["channel"],
+    buckets=(0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 900),
+)
 NOTIFY_DROPPED = Counter(
     "eldersafe_notify_dropped_total",
     "notices closed without a further attempt, by pipeline stage (dedup: moot or already"

@@ -112,9 +112,15 @@ async def serve(settings: Settings) -> None:
     settings.check_api_secrets()
     await asyncio.to_thread(migrate, settings.database_url)
     if settings.metrics_port:
-        from prometheus_client import start_http_server
+        from prometheus_client import REGISTRY, start_http_server
 
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        from gateway.metrics_district import DistrictCollector
+
+        # district-wide alert series, read from the database at scrape time
+        REGISTRY.register(
+            DistrictCollector(settings.database_url, cache_s=settings.metrics_district_cache_s)
+        )
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     store = IngestStore(settings.database_url)
     pipeline = IngestPipeline(store)
     incidents: asyncio.Queue[SessionIncident] = asyncio.Queue()

@@ -35,6 +35,7 @@ from alerting.pipeline import (
     RETRY_SCHEDULES,
     Batch,
     Dedup,
+    Delivery,
     FallbackPolicy,
     Group,
     Mute,
@@ -203,6 +204,7 @@ async def deliver_due(
                 if attempt == 2:
                     raise
                 log.info("notifier %s: deadlock on audit chain heads, recording again", worker)
+    await _observe_time_to_deliver(conn, rows, result.deliveries, now)
     for d in result.deliveries:
         result_label = "delivered" if d.delivered else "failed"
         metrics.NOTIFY_ATTEMPTS.labels(d.notice.channel.value, result_label).inc()
@@ -213,6 +215,37 @@ async def deliver_due(
     out.dropped = len(result.dropped)
     out.alerts = {r.notice.alert_id for r in rows}
     return out
+
+
+_FIRED = "SELECT step_id, fired_at FROM alert_steps WHERE step_id = ANY(%s)"
+
+
+async def _observe_time_to_deliver(
+    conn: psycopg.AsyncConnection[Any],
+    rows: Sequence[OutboxRow],
+    deliveries: Sequence[Delivery],
+    now: datetime,
+) -> None:
+    """Time to deliver, per notice once: from its step's firing to its first delivery
+    (the step's clock and ``now`` are both the engine's)."""
+    before = {r.identity: r.delivered for r in rows}
+    first: dict[tuple[str, str], str] = {}
+    for d in deliveries:
+        identity = (d.notice.step_id, d.notice.person_id)
+        if d.delivered and before.get(identity) is False and identity not in first:
+            first[identity] = d.notice.channel.value
+    if not first:
+        return
+    try:
+        cur = await conn.execute(_FIRED, (sorted({step for step, _ in first}),))
+        fired: dict[str, datetime] = {step: at for step, at in await cur.fetchall()}
+    except psycopg.Error as exc:  # a metric only: the deliveries are committed
+        log.warning("time to deliver not observed: %s", exc)
+        return
+    for (step, _), channel in first.items():
+        if step in fired:
+            seconds = max(0.0, (now - fired[step]).total_seconds())
+            metrics.NOTIFY_TIME_TO_DELIVER.labels(channel).observe(seconds)
 
 
 class NotifierRunner:
