@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.api.routes import alerts, auth
+from gateway.api.routes import alerts, auth, stats
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth.router, alerts.router)
+ROUTERS = (auth.router, alerts.router, stats.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
