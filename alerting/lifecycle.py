@@ -13,7 +13,7 @@ import dataclasses
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from alerting.model import (
@@ -49,6 +49,7 @@ class CommandKind(StrEnum):
     CLEAR_SOURCE = "clear_source"  # one contributor's condition ended
     RAISE_SEVERITY = "raise_severity"
     NOTE = "note"  # record without a change
+    ESCALATE = "escalate"  # staff call the next rung now (alerting.planner.escalate_by_hand)
 
 
 # from-status → to-status for each command; a status not listed is illegal.
@@ -64,6 +65,8 @@ TRANSITIONS: Mapping[CommandKind, Mapping[AlertStatus, AlertStatus]] = {
     # A worse condition restarts the ladder unless someone is already there.
     CommandKind.RAISE_SEVERITY: {_O: _O, _A: _O, _S: _S},
     CommandKind.NOTE: {s: s for s in AlertStatus},
+    # Only a running ladder has a next rung; once acknowledged the service circle takes over.
+    CommandKind.ESCALATE: {_O: _O},
 }
 
 AUDIT_ACTION: Mapping[CommandKind, AuditAction] = {
@@ -76,6 +79,7 @@ AUDIT_ACTION: Mapping[CommandKind, AuditAction] = {
     CommandKind.CLEAR_SOURCE: AuditAction.SOURCE_CLEARED,
     CommandKind.RAISE_SEVERITY: AuditAction.SEVERITY_RAISED,
     CommandKind.NOTE: AuditAction.NOTED,
+    CommandKind.ESCALATE: AuditAction.ESCALATED,
 }
 
 
@@ -99,7 +103,8 @@ class Command:
 
     ``outcome`` is needed by RESOLVE; ``severity`` by RAISE_SEVERITY; ``source``
     by ADD_SOURCE/CLEAR_SOURCE; ``event_id`` ties a device-driven change to
-    its event.
+    its event; ``level`` and ``after`` (the rung and its delay from the ladder's
+    start) by ESCALATE.
     """
 
     kind: CommandKind
@@ -110,6 +115,8 @@ class Command:
     source: str | None = None
     event_id: uuid.UUID | None = None
     note: str = ""
+    level: int | None = None
+    after: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +238,14 @@ def _note(alert: Alert, c: Command, at: datetime) -> Alert:
     return alert
 
 
+def _escalate(alert: Alert, c: Command, at: datetime) -> Alert:
+    # The schedule is anchor + rung delay: moving the anchor back makes rung ``level`` due
+    # now, so the planner fires it (one step key: once) and the ladder goes on from there.
+    if c.level is None or c.after is None or c.level <= alert.level:
+        raise IllegalTransition(alert, c.kind, f"no rung above level {alert.level} given")
+    return dataclasses.replace(alert, escalation_anchor=min(alert.escalation_anchor, at - c.after))
+
+
 _APPLY: Mapping[CommandKind, Callable[[Alert, Command, datetime], Alert]] = {
     CommandKind.ACKNOWLEDGE: _acknowledge,
     CommandKind.ON_SCENE: _on_scene,
@@ -241,6 +256,7 @@ _APPLY: Mapping[CommandKind, Callable[[Alert, Command, datetime], Alert]] = {
     CommandKind.CLEAR_SOURCE: _clear_source,
     CommandKind.RAISE_SEVERITY: _raise_severity,
     CommandKind.NOTE: _note,
+    CommandKind.ESCALATE: _escalate,
 }
 
 
@@ -261,6 +277,8 @@ def transition(alert: Alert, command: Command, at: datetime) -> Transition:
         detail["event_id"] = str(command.event_id)
     if command.note:
         detail["note"] = command.note
+    if command.level is not None:
+        detail["level"] = command.level
     if after.epoch != alert.epoch:
         detail["epoch"] = after.epoch
     audit = AuditEntry(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from alerting.lifecycle import Transition
+from alerting.lifecycle import Command, CommandKind, IllegalTransition, Transition
 from alerting.model import (
     STATUS_RANK,
     Alert,
@@ -233,3 +233,20 @@ def fire_step(alert: Alert, step: Step, at: datetime) -> Transition:
     action = _STEP_ACTION[step.kind]
     audit = AuditEntry(at, alert.id, "system:escalation", action, Channel.SYSTEM, detail)
     return Transition(alert, after, audit)
+
+
+def escalate_by_hand(
+    alert: Alert, policy: EscalationPolicy, actor: str, channel: Channel, reason: str
+) -> Command:
+    """Staff escalate an open alert now (the duty worker cannot go): the rung above the
+    alert's level fires at once, with its own step key, and the rungs after it keep their
+    spacing from there. IllegalTransition at the top rung."""
+    target = alert.level + 1
+    if target >= len(policy.levels):
+        raise IllegalTransition(
+            alert, CommandKind.ESCALATE, f"level {alert.level} is the top of policy {policy.name}"
+        )
+    return Command(
+        CommandKind.ESCALATE, actor, channel, note=reason, level=target,
+        after=policy.levels[target].after,
+    )  # fmt: skip
