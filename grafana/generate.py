@@ -510,7 +510,7 @@ GROUP BY 1 ORDER BY 1""",
 def institution() -> dm.Dashboard:
     scope = IN_INSTITUTION
     open_list = table_panel(
-        "未结警情 Open alerts",
+        "未结警情列表 Open alerts by room",
         "Unresolved alerts of the institution's rooms, oldest first.",
         f"""
 SELECT a.opened_at, s.name AS room, a.type, a.severity, a.status, a.level,
