@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both run the
 # idempotent setup first (Debian packages, TimescaleDB, .venv).
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench dashboards
 
 VENV := .venv/bin
 
@@ -23,3 +23,7 @@ bench: setup
 	$(VENV)/python bench/edge.py
 	$(VENV)/python bench/escalation.py
 	$(VENV)/python bench/alert_latency.py
+
+# Regenerate grafana/dashboards/*.json from grafana/generate.py (a test fails on drift).
+dashboards: setup
+	$(VENV)/python -m grafana.generate
