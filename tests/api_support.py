@@ -119,3 +119,31 @@ async def login(client: httpx.AsyncClient, user: str) -> dict[str, str]:
     answer = await client.post("/api/auth/login", json={"username": user, "password": PASSWORD})
     assert answer.status_code == 200, answer.text
     return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+
+@asynccontextmanager
+async def api_server(dsn: str, **extra: Any) -> AsyncIterator[str]:
+    """The app served by uvicorn on a free loopback port in this event loop, as
+    ``eldersafe server`` serves it (real sockets: WebSockets work): its ``host:port``."""
+    import asyncio
+
+    import uvicorn
+    from support import until
+
+    from gateway.local.ports import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(test_settings(dsn, api_port=port, **extra)), host="127.0.0.1", port=port,
+        log_level="warning", access_log=False, lifespan="on", ws_max_size=64 * 1024,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    await until(lambda: server.started or serving.done(), 30, "the API to start")
+    if serving.done():
+        serving.result()  # it failed to start: its error
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving

@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.api.routes import alerts, auth, stats
+from gateway.api.live import LiveFeed
+from gateway.api.routes import alerts, auth, feed, stats
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth.router, alerts.router, stats.router)
+ROUTERS = (auth.router, alerts.router, stats.router, feed.router)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -32,9 +33,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         await pool.open(wait=True, timeout=30)
         app.state.pool = pool
+        live = LiveFeed(settings.database_url)  # the WebSocket feed's reader (routes/feed.py)
         try:
+            await live.start()
+            app.state.live = live
             yield
         finally:
+            await live.stop()
             await pool.close()
 
     app = FastAPI(

@@ -1,0 +1,461 @@
+"""The live feed's server side: one reader per server process fans the change log out to
+its WebSocket clients, each filtered to the caller's scope and masked as for them.
+
+Why one reader: every server LISTENs on ``alert_changes`` (the trigger of migration 0006
+notifies at each commit that grew the log, whichever server made the change), and one
+task reads the new changes with ``feed.changes_after`` from its own position, builds the
+views in one query per batch and offers them to the clients. Clients never query the
+log on a notification, so 200 consoles cost one read, not 200.
+
+Why the seam has no gap and no duplicate: positions commit out of order, so "after P"
+means after P in the feed's (xid, position) order (``gateway.alerts.feed``). The reader
+only moves under ``_lock``. A (re)connecting client catches up from its position to the
+reader's, first without the lock (a long catch-up must not stall the reader), then the
+last stretch under it, and is added to the fan-out in the same critical section: every
+change up to the reader's position came from the catch-up, every later one from the
+fan-out. A client whose position is ahead of this reader's (it came from a faster
+server) skips the fan-out through its own position instead.
+
+Why a bounded outbox per client: the reader never waits on a client. A client whose
+outbox is full is closed with a reason and reconnects from its last position, so a slow
+phone costs at most ``outbox_limit`` messages of memory and never delays the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from prometheus_client import Counter, Gauge
+from psycopg.rows import dict_row
+
+from alerting.model import AuditAction, AuditEntry, Channel, DetailValue
+from gateway.alerts.feed import Change, changes_after
+from gateway.alerts.store import PgAlertTransaction
+from gateway.api.principal import Principal
+from gateway.api.views import ALERT_SELECT, view_from_row
+
+log = logging.getLogger(__name__)
+
+FEED_CLIENTS = Gauge("eldersafe_api_feed_clients", "WebSocket feed clients connected")
+FEED_MESSAGES = Counter("eldersafe_api_feed_messages_total", "change messages offered to clients")
+FEED_CLOSED = Counter(
+    "eldersafe_api_feed_closed_total",
+    "feed connections the server closed, by reason (auth, malformed, reset, behind, shutdown)",
+    ["reason"],
+)
+FEED_CLIENT_ERRORS = Counter(
+    "eldersafe_api_feed_client_errors_total", "malformed messages from feed clients"
+)
+FEED_CONFIRMED = Counter(
+    "eldersafe_api_feed_confirmed_total", "console notices confirmed by a 'displayed' message"
+)
+
+# Close codes of the feed (RFC 6455 §7.4.2: 4000-4999 are the application's).
+CLOSE_UNAUTHORIZED = 4401  # bad, missing or expired credentials
+CLOSE_MALFORMED = 4400  # the auth message was not one
+CLOSE_RESET = 4410  # the position is unknown here: reload, reconnect with after null
+CLOSE_BEHIND = 4429  # the client fell too far behind: reconnect with its last position
+CLOSE_RESTART = 1012  # the server is stopping: reconnect (to any server) with the position
+
+_LAST = """
+SELECT position FROM alert_changes
+WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY xid DESC, position DESC LIMIT 1
+"""
+# Committed changes the feed may not show yet: an older transaction is still running.
+# When it ends nothing may notify (it need not have touched the log), so the reader
+# looks again shortly while such rows exist.
+_WAITING = """
+SELECT EXISTS (SELECT 1 FROM alert_changes WHERE xid >= pg_snapshot_xmin(pg_current_snapshot()))
+"""
+_ORDER_KEYS = "SELECT position, xid::text::numeric FROM alert_changes WHERE position = ANY(%s)"
+
+
+def message(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
+
+
+def change_message(change: Change, alert: dict[str, Any]) -> str:
+    return message("change", position=change.position, alert_id=str(change.alert_id),
+                   seq=change.seq, action=change.action, alert=alert)  # fmt: skip
+
+
+class Closing(Exception):
+    """The client's connection is to be closed with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Subscriber:
+    """One connected client: its principal, its bounded outbox and why it must close."""
+
+    def __init__(self, principal: Principal, limit: int) -> None:
+        self.principal = principal
+        self.limit = limit
+        self.skip_through: int | None = None
+        self.closing: Closing | None = None
+        self._outbox: deque[str] = deque()
+        self._ready = asyncio.Event()
+
+    @property
+    def view_key(self) -> tuple[frozenset[str], str]:
+        """Everything a view depends on besides the alert (scope and masking tier)."""
+        return (self.principal.units, self.principal.organisation_kind)
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text`` without waiting; a full outbox closes the client instead."""
+        if self.closing is not None:
+            return False
+        if len(self._outbox) >= self.limit:
+            self.close(CLOSE_BEHIND, "too far behind: reconnect with your last position")
+            FEED_CLOSED.labels("behind").inc()
+            return False
+        self._outbox.append(text)
+        self._ready.set()
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing is None:
+            self.closing = Closing(code, reason)
+            self._outbox.clear()  # nothing more goes out: free the memory now
+        self._ready.set()
+
+    async def next_messages(self, quiet_s: float) -> list[str]:
+        """What to send now ([] after ``quiet_s`` of quiet); raises Closing when closed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), quiet_s)
+        self._ready.clear()
+        if self.closing is not None:
+            raise self.closing
+        out = list(self._outbox)
+        self._outbox.clear()
+        return out
+
+
+Views = dict[uuid.UUID, dict[str, Any]]
+
+
+async def views_by_key(
+    conn: psycopg.AsyncConnection[Any],
+    principals: Sequence[Principal],
+    ids: Iterable[uuid.UUID],
+) -> dict[tuple[frozenset[str], str], Views]:
+    """The JSON views of ``ids`` for each distinct (scope, tier) of ``principals``, from one
+    query (``views.ALERT_SELECT`` over the union of their units); an alert outside a key's
+    scope is absent from that key's views."""
+    wanted = sorted(set(ids))
+    by_key: dict[tuple[frozenset[str], str], Principal] = {}
+    for p in principals:
+        by_key.setdefault((p.units, p.organisation_kind), p)
+    if not wanted or not by_key:
+        return {key: {} for key in by_key}
+    units = sorted(set().union(*(key[0] for key in by_key)))
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            ALERT_SELECT + " AND a.id = ANY(%(ids)s)", {"units": units, "ids": wanted}
+        )
+        rows = await cur.fetchall()
+    return {
+        key: {r["id"]: view_from_row(p, r).model_dump(mode="json")
+              for r in rows if r["unit_id"] in key[0]}
+        for key, p in by_key.items()
+    }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FeedTimings:
+    batch: int = 500  # changes read per query
+    fallback_poll_s: float = 5.0  # a lost notification costs at most this
+    horizon_poll_s: float = 0.02  # while committed changes wait behind an older transaction
+    outbox_limit: int = 1000  # messages queued per client before it is closed as too slow
+
+
+class LiveFeed:
+    """The server's reader of the change log and its fan-out to connected clients."""
+
+    def __init__(self, dsn: str, timings: FeedTimings = FeedTimings()) -> None:
+        self.dsn = dsn
+        self.timings = timings
+        self.position: int | None = None  # the last change offered to the fan-out
+        self._started = False
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._subscribers: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+
+    async def start(self, within_s: float = 30.0) -> None:
+        """Start the reader; returns once it listens and knows the end of the log."""
+        self._task = asyncio.create_task(self._run(), name="live-feed")
+        up = asyncio.create_task(self._up.wait())
+        await asyncio.wait({self._task, up}, timeout=within_s, return_when=asyncio.FIRST_COMPLETED)
+        up.cancel()
+        if self._task.done():
+            self._task.result()  # its error, if it gave up
+        if not self._up.is_set():
+            raise TimeoutError("the live feed's reader did not start")
+
+    async def stop(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close(CLOSE_RESTART, "server stopping: reconnect with your last position")
+            FEED_CLOSED.labels("shutdown").inc()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- the reader ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._listen_and_read()
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning("live feed: %s; reconnecting", exc)
+            except Exception:  # a bug must not end the feed of every console: log, retry
+                log.exception("live feed reader failed; restarting")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _listen_and_read(self) -> None:
+        async with (
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
+            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn,
+        ):
+            # LISTEN before reading where the log ends, so no commit falls in between.
+            await listen.execute("LISTEN alert_changes")
+            waker = asyncio.create_task(self._forward_notifications(listen))
+            try:
+                if not self._started:
+                    row = await (await conn.execute(_LAST)).fetchone()
+                    self.position = row[0] if row else None
+                    self._started = True
+                self._up.set()
+                while True:
+                    await self._read_all(conn)
+                    if waker.done():
+                        waker.result()  # the LISTEN connection broke: reconnect both
+                    waiting = (await (await conn.execute(_WAITING)).fetchone() or (False,))[0]
+                    pause = (self.timings.horizon_poll_s if waiting
+                             else self.timings.fallback_poll_s)  # fmt: skip
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), pause)
+                    self._wake.clear()
+            finally:
+                waker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                    await waker
+
+    async def _forward_notifications(self, listen: psycopg.AsyncConnection[Any]) -> None:
+        async for _ in listen.notifies():
+            self._wake.set()
+
+    async def _read_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            async with self._lock:
+                try:
+                    changes = await changes_after(conn, self.position, self.timings.batch)
+                except LookupError:
+                    self._lost_position()
+                    row = await (await conn.execute(_LAST)).fetchone()
+                    self.position = row[0] if row else None
+                    return
+                if not changes:
+                    return
+                await self._fan_out(conn, changes)
+                self.position = changes[-1].position
+            if len(changes) < self.timings.batch:
+                return
+
+    def _lost_position(self) -> None:
+        log.error("live feed: change %s is no longer in the log; every client reloads",
+                  self.position)  # fmt: skip
+        for sub in list(self._subscribers):
+            sub.offer(message("reset"))
+            sub.close(CLOSE_RESET, "the feed lost its place: reload")
+            FEED_CLOSED.labels("reset").inc()
+
+    async def _fan_out(self, conn: psycopg.AsyncConnection[Any], changes: list[Change]) -> None:
+        subs = [s for s in self._subscribers if s.closing is None]
+        if not subs:
+            return
+        views = await views_by_key(conn, [s.principal for s in subs],
+                                   (c.alert_id for c in changes))  # fmt: skip
+        for change in changes:
+            texts: dict[tuple[frozenset[str], str], str | None] = {}
+            for sub in subs:
+                if sub.skip_through is not None:
+                    if change.position == sub.skip_through:
+                        sub.skip_through = None
+                    continue
+                key = sub.view_key
+                if key not in texts:
+                    alert = views.get(key, {}).get(change.alert_id)
+                    texts[key] = None if alert is None else change_message(change, alert)
+                text = texts[key]
+                if text is not None and sub.offer(text):
+                    FEED_MESSAGES.inc()
+
+    # -- a client joining ------------------------------------------------------------
+
+    async def join(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        principal: Principal,
+        after: int | None,
+        send: Callable[[str], Awaitable[None]],
+    ) -> Subscriber:
+        """Add a client to the fan-out. ``send`` is used for ``ready`` and the catch-up
+        before the client is added (it may wait on a slow client: nothing else does).
+        Raises LookupError for a position the log does not hold."""
+        sub = Subscriber(principal, self.timings.outbox_limit)
+        if after is None:
+            async with self._lock:
+                sub.offer(message("ready", position=self.position))
+                self._add(sub)
+            return sub
+        if not await self._order_keys(conn, [after]):
+            raise LookupError(f"no change at position {after}")
+        await send(message("ready", position=after))
+        cursor = after
+        target = self.position
+        if target is not None and await self._before(conn, cursor, target):
+            cursor = await self._catch_up(conn, sub, cursor, target, send)
+        async with self._lock:
+            target = self.position
+            if target is not None and await self._before(conn, cursor, target):
+                cursor = await self._catch_up(conn, sub, cursor, target, None)
+            elif target is None or cursor != target:
+                sub.skip_through = cursor  # ahead of this server's reader
+            self._add(sub)
+        return sub
+
+    def _add(self, sub: Subscriber) -> None:
+        self._subscribers.add(sub)
+        FEED_CLIENTS.set(len(self._subscribers))
+
+    def leave(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        FEED_CLIENTS.set(len(self._subscribers))
+
+    async def _order_keys(
+        self, conn: psycopg.AsyncConnection[Any], positions: Sequence[int]
+    ) -> dict[int, tuple[int, int]]:
+        cur = await conn.execute(_ORDER_KEYS, (list(positions),))
+        return {int(p): (int(x), int(p)) for p, x in await cur.fetchall()}
+
+    async def _before(self, conn: psycopg.AsyncConnection[Any], a: int, b: int) -> bool:
+        """Whether change ``a`` comes before change ``b`` in feed order."""
+        if a == b:
+            return False
+        keys = await self._order_keys(conn, [a, b])
+        if a not in keys or b not in keys:
+            raise LookupError(f"no change at position {a if a not in keys else b}")
+        return keys[a] < keys[b]
+
+    async def _catch_up(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        sub: Subscriber,
+        cursor: int,
+        target: int,
+        send: Callable[[str], Awaitable[None]] | None,
+    ) -> int:
+        """The client's changes after ``cursor`` through ``target``, in feed order: sent
+        with ``send``, or offered to its outbox (under the reader's lock: no waiting)."""
+        while cursor != target:
+            changes = await changes_after(conn, cursor, self.timings.batch)
+            if not changes:
+                raise LookupError(f"change {target} is no longer in the log")
+            upto = next((i for i, c in enumerate(changes) if c.position == target), None)
+            page = changes if upto is None else changes[: upto + 1]
+            views = await views_by_key(conn, [sub.principal], (c.alert_id for c in page))
+            mine = views.get(sub.view_key, {})
+            for change in page:
+                alert = mine.get(change.alert_id)
+                if alert is None:
+                    continue
+                text = change_message(change, alert)
+                if send is not None:
+                    await send(text)
+                else:
+                    sub.offer(text)
+            cursor = page[-1].position
+        return cursor
+
+
+# -- "displayed": the console showed these alerts to this person -------------------------
+
+_CONSOLE_NOTICES = """
+SELECT n.id, n.alert_id, n.step_id, n.person_id, n.channel, n.status
+FROM notifications n
+JOIN alerts a ON a.id = n.alert_id
+JOIN sites s ON s.id = a.site_id
+WHERE n.person_id = %(person)s AND n.alert_id = ANY(%(ids)s)
+  AND s.organisation_id = ANY(%(units)s)
+  AND n.status IN ('pending', 'sent') AND n.confirmed_at IS NULL
+  AND (n.channel = 'console' OR 'console' = ANY(n.delivered_channels))
+ORDER BY n.id
+FOR UPDATE OF n
+"""
+_CONFIRM = """
+UPDATE notifications SET status = 'confirmed', confirmed_at = %s,
+    closed_reason = 'shown on the person''s console', updated_at = %s
+WHERE id = ANY(%s)
+"""
+
+
+async def confirm_displayed(
+    conn: psycopg.AsyncConnection[Any],
+    me: Principal,
+    alert_ids: Sequence[uuid.UUID],
+    at: datetime,
+) -> int:
+    """The console showed ``alert_ids`` to ``me``: their console notices to this person are
+    confirmed, so no further channel is tried (the runner claims only pending rows), and
+    the audit chain says so, as ``gateway.notify.outbox.confirm_by_code`` does for a code.
+    Alerts outside the caller's scope, or without such a notice, are left alone."""
+    if me.via_api_key or not alert_ids:
+        return 0  # an integration is not a person with notices
+    for attempt in range(3):
+        try:
+            async with conn.transaction():
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(
+                        _CONSOLE_NOTICES,
+                        {"person": me.id, "units": me.unit_list, "ids": sorted(set(alert_ids))},
+                    )
+                    rows = await cur.fetchall()
+                if not rows:
+                    return 0
+                await conn.execute(_CONFIRM, (at, at, [r["id"] for r in rows]))
+                entries = []
+                for r in sorted(rows, key=lambda r: (str(r["alert_id"]), r["id"])):
+                    detail: dict[str, DetailValue] = {
+                        "step": r["step_id"], "person": r["person_id"], "confirmed": True,
+                        "by": "shown on the console", "was": r["status"],
+                    }  # fmt: skip
+                    entries.append(AuditEntry(at, r["alert_id"], me.actor, AuditAction.NOTED,
+                                              Channel.CONSOLE, detail))  # fmt: skip
+                # chains appended in alert order, as the notifier does: no crosswise waits
+                await PgAlertTransaction(conn, f"api:{me.actor}").audit(entries)
+            FEED_CONFIRMED.inc(len(rows))
+            return len(rows)
+        except psycopg.errors.DeadlockDetected:
+            if attempt == 2:
+                raise
+    return 0
