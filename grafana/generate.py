@@ -179,8 +179,12 @@ def stat_panel(
     return panel
 
 
+# A table column's unit from its SQL name's suffix (durations shown as "4 min 20 s").
+UNIT_BY_SUFFIX = {"_s": "s", "_pct": "percent", "_ma": "mA", "_c": "celsius"}
+
+
 def table_panel(title: str, description: str, sql: str, columns: Columns) -> table.Panel:
-    return (
+    panel = (
         table.Panel()
         .title(title)
         .description(description)
@@ -189,6 +193,12 @@ def table_panel(title: str, description: str, sql: str, columns: Columns) -> tab
         .with_transformation(organize(columns))
         .show_header(True)
     )
+    for name, header in columns:
+        unit = next((u for suffix, u in UNIT_BY_SUFFIX.items() if name.endswith(suffix)), None)
+        if unit is not None:
+            panel = panel.override_by_name(header, [dm.DynamicConfigValue(id_val="unit",
+                                                                          value=unit)])
+    return panel
 
 
 def timeseries_panel(
