@@ -106,7 +106,8 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
     )
     started = time.time()
     failure: BaseException | None = None
-    registry = edge_metrics.serve(config.metrics, pipeline, supervisor)  # /metrics if configured
+    metrics_config = config.metrics or edge_metrics.from_environment()
+    registry = edge_metrics.serve(metrics_config, pipeline, supervisor)  # /metrics if configured
     if registry is not None:
         registry.register(metrics.EDGE_COMMANDS)  # the router's outcomes
 

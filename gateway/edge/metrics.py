@@ -9,6 +9,7 @@ that also ingests never mixes the two sets.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -20,7 +21,7 @@ from gateway.edge.config import MetricsConfig
 from gateway.edge.pipeline import EdgePipeline
 from gateway.edge.supervisor import DriverState, Supervisor
 
-__all__ = ["EdgeCollector", "driver_counters", "serve"]
+__all__ = ["EdgeCollector", "driver_counters", "from_environment", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,16 @@ class EdgeCollector(Collector):
             "1 while connected to the broker",
             value=float(self.pipeline.client.connected.is_set()),
         )
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> MetricsConfig | None:
+    """The endpoint ``ELDERSAFE_EDGE_METRICS_PORT`` (and ``_HOST``) ask for: for an edge
+    whose site file is generated (``eldersafe simulate`` in docker-compose)."""
+    env = os.environ if environ is None else environ
+    port = env.get("ELDERSAFE_EDGE_METRICS_PORT")
+    if not port:
+        return None
+    return MetricsConfig(port=int(port), host=env.get("ELDERSAFE_EDGE_METRICS_HOST", "127.0.0.1"))
 
 
 def serve(
