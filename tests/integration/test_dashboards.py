@@ -65,7 +65,7 @@ from grafana.sql_macros import QueryContext, Variable, interpolate  # noqa: E402
 # The scenario runs two hours before now (nothing may be reported from the future),
 # on a whole minute so the one-minute buckets are the scenario's own minutes.
 T0 = (datetime.now(UTC) - timedelta(hours=2)).replace(second=0, microsecond=0)
-STEP = timedelta(seconds=10)
+STEP = timedelta(seconds=30)
 END = timedelta(minutes=25)
 
 
@@ -219,7 +219,8 @@ async def write(store: IngestStore, classifier: Classifier, messages: list[tuple
 
 
 async def play(dsn: str) -> None:
-    """The scenario through ingest and the engine, the engine's clock stepping 10 s."""
+    """The scenario through ingest and the engine, the engine's clock stepping 30 s
+    and stopping at every message and action, as a server's workers would see them."""
     store, classifier = IngestStore(dsn), Classifier()
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         steps = {T0 + STEP * k for k in range(int(END / STEP) + 1)}
