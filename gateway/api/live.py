@@ -437,7 +437,7 @@ async def confirm_displayed(
                 async with conn.cursor(row_factory=dict_row) as cur:
                     await cur.execute(
                         _CONSOLE_NOTICES,
-                        {"person": me.id, "units": me.unit_list, "ids": sorted(set(alert_ids))},
+                        {"person": me.actor, "units": me.unit_list, "ids": sorted(set(alert_ids))},
                     )
                     rows = await cur.fetchall()
                 if not rows:

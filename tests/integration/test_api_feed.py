@@ -5,7 +5,9 @@ console's "displayed" confirming its notices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +16,13 @@ import httpx
 import psycopg
 import pytest
 from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants
-from support import scalar
+from support import scalar, until, wait_for
 from test_alert_engine import drain
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from gateway.alerts.audit_verify import verify
+from gateway.local.mosquitto import MosquittoInstance
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -161,3 +167,144 @@ async def test_a_console_cut_off_gets_every_missed_alert_once_and_nothing_of_ano
         opened = [m for m in changes if m["action"] == "opened"]
         assert len(opened) == 31  # 20 missed, 10 at the seam, the marker
         assert all(not m["alert"]["masked"] and "timeline" not in m["alert"] for m in changes)
+
+
+async def test_displayed_confirms_the_persons_console_notice_and_audits_it(database: str) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    raise_event(database, "site-b", "wb-b", "sos")
+    await drain(database, T0)
+    alert_a = str(scalar(database, "SELECT id FROM alerts WHERE site_id = 'site-a'"))
+    alert_b = str(scalar(database, "SELECT id FROM alerts WHERE site_id = 'site-b'"))
+    notice = "SELECT status FROM notifications WHERE alert_id = %s AND person_id = %s"
+    assert scalar(database, notice, (alert_a, "staff:duty-a")) == "pending"
+    async with api_server(database) as host:
+        token = await token_of(host, "duty-a")
+        async with feed(host, token, None) as (console, _):
+            # malformed input: an error each, and the connection stays up
+            for bad in ("not json", '{"type": "displayed"}', '["displayed"]',
+                        '{"type": "displayed", "alert_ids": ["x"]}', '{"type": "shout"}',
+                        json.dumps({"type": "displayed", "alert_ids": [alert_a] * 501})):
+                await console.ws.send(bad)
+                error = await console.until(lambda m: m["type"] != "ping")
+                assert error["type"] == "error" and error["detail"], (bad, error)
+            await console.ws.send(b"\x00binary")
+            assert (await console.next())["type"] == "error"
+
+            # shown: duty-a's notice of their alert; station-b's alert is not theirs
+            shown = {"type": "displayed", "alert_ids": [alert_a, alert_b]}
+            await console.ws.send(json.dumps(shown))
+            await until(lambda: scalar(database, notice, (alert_a, "staff:duty-a")) == "confirmed",
+                        10, "the console notice confirmed")  # fmt: skip
+            # shown again: nothing more (the error answers once the repeat was handled)
+            await console.ws.send(json.dumps({"type": "displayed", "alert_ids": [alert_a]}))
+            await console.ws.send("{}")
+            assert (await console.until(lambda m: m["type"] != "ping"))["type"] == "error"
+    assert scalar(database, notice, (alert_b, "staff:duty-b")) == "pending"
+    with psycopg.connect(database) as conn:
+        row = conn.execute(
+            "SELECT confirmed_at, closed_reason FROM notifications WHERE alert_id = %s", (alert_a,)
+        ).fetchone()
+        assert row is not None and row[0] == T0 and "console" in row[1]
+        audit = conn.execute(
+            "SELECT actor, channel, detail->>'by', detail->>'person' FROM alert_audit"
+            " WHERE alert_id = %s AND action = 'noted'", (alert_a,)
+        ).fetchall()
+        assert audit == [("staff:duty-a", "console", "shown on the console", "staff:duty-a")]
+        assert conn.execute("SELECT count(*) FROM alert_audit WHERE alert_id = %s AND"
+                            " action = 'noted'", (alert_b,)).fetchone() == (0,)  # fmt: skip
+    read, problems = verify(database)
+    assert read > 0 and problems == ()
+
+
+async def test_bad_auth_unknown_positions_and_huge_frames_are_refused(database: str) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    await drain(database, T0)
+    async with api_server(database) as host:
+        token = await token_of(host, "duty-a")
+
+        async def closed_with(first: str | bytes) -> tuple[int | None, str, list[str]]:
+            async with connect(f"ws://{host}/api/feed", open_timeout=10) as ws:
+                await ws.send(first)
+                got = []
+                with contextlib.suppress(ConnectionClosed):
+                    async for text in ws:
+                        got.append(str(text))
+                return ws.close_code, ws.close_reason or "", got
+
+        code, reason, _ = await closed_with(json.dumps({"type": "auth", "token": "nonsense"}))
+        assert code == 4401 and "invalid token" in reason
+        code, reason, _ = await closed_with('{"token": "x"}')
+        assert code == 4401 and "type" in reason
+        code, reason, _ = await closed_with(b"\x01")
+        assert code == 4401
+        for after in ("12", -1, 1.5, True, 2**63):
+            code, _, _ = await closed_with(
+                json.dumps({"type": "auth", "token": token, "after": after})
+            )
+            assert code == 4400, after
+        code, _, got = await closed_with(
+            json.dumps({"type": "auth", "token": token, "after": 10**9})
+        )
+        assert code == 4410 and [json.loads(m) for m in got] == [{"type": "reset"}]
+        # over uvicorn's ws_max_size (64 KiB): refused by the server, 1009
+        async with feed(host, token, None) as (console, _):
+            await console.ws.send(json.dumps({"type": "pong", "pad": "x" * 70_000}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await console.until(lambda m: False, within_s=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def api_up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+ENGINE = {"ELDERSAFE_ENGINE_CLOCK": "database", "ELDERSAFE_ENGINE_POLL_S": "0.05"}
+
+
+async def test_an_acknowledgement_through_one_server_reaches_a_console_on_another(
+    database: str, broker: MosquittoInstance, make_server: Any
+) -> None:
+    """Two real ``eldersafe server`` processes: the console is connected to B, staff act
+    through A's HTTP API; A's commit reaches B's reader through LISTEN/NOTIFY (B's
+    fallback poll is 5 s, so anything near 1 s can only be the notification)."""
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-x", 3)
+    server_a = make_server(database, broker.port, "server", **ENGINE)
+    server_b = make_server(database, broker.port, "server-2", **ENGINE)
+    for server in (server_a, server_b):
+        server.start()
+    for server in (server_a, server_b):
+        await asyncio.to_thread(wait_for, lambda s=server: api_up(s.api_port), 60, "the API")
+    host_a, host_b = f"127.0.0.1:{server_a.api_port}", f"127.0.0.1:{server_b.api_port}"
+    token = await token_of(host_a, "duty-a")
+    delays: list[float] = []
+    answered: list[float] = []
+    async with (
+        feed(host_b, token, None) as (console, _),
+        httpx.AsyncClient(base_url=f"http://{host_a}",
+                          headers={"Authorization": f"Bearer {token}"}) as api_a,
+    ):  # fmt: skip
+        for device in devices:
+            raise_event(database, "site-a", device, "sos")
+            opened = await console.until(
+                lambda m, d=device: m.get("action") == "opened" and m["alert"]["device_id"] == d
+            )
+            alert_id = opened["alert_id"]
+            started = time.perf_counter()
+            answer = await api_a.post(f"/api/alerts/{alert_id}/acknowledge")
+            assert answer.status_code == 200, answer.text
+            answered.append(time.perf_counter() - started)
+            acked = await console.until(
+                lambda m, a=alert_id: m.get("action") == "acknowledged" and m["alert_id"] == a
+            )
+            delays.append(time.perf_counter() - started)
+            assert acked["alert"]["status"] == "acknowledged"
+            assert acked["alert"]["acknowledged_by"] == "staff:duty-a"
+    print(f"acknowledge through A -> console on B: {[round(d * 1000) for d in delays]} ms"
+          f" (A answered after {[round(d * 1000) for d in answered]} ms)")
+    assert max(delays) < 1.0, delays
