@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import importlib.metadata
 import json
 import sys
 import types
@@ -294,6 +295,14 @@ def test_provisioning_names_the_datasource_the_panels_use_and_the_mounted_dashbo
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/var/lib/grafana/dashboards"  # compose's mount
+
+
+def test_the_model_is_that_of_the_grafana_docker_compose_runs() -> None:
+    """A dashboard of a newer model (schemaVersion, keys) is not one an older Grafana reads."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    image = compose["services"]["grafana"]["image"]
+    sdk = importlib.metadata.version("grafana-foundation-sdk").split("!")[-1]
+    assert image.rsplit(":", 1)[1].split(".")[:2] == sdk.split(".")[:2], (image, sdk)
 
 
 # --- Grafana's macro and variable expansion -------------------------------------------------
