@@ -85,7 +85,7 @@ def cmd_broker_files(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return run_demo(Path(args.state_dir), seconds=args.seconds)
+    return run_demo(Path(args.state_dir), seconds=args.seconds, api_port=args.api_port)
 
 
 def cmd_edge(args: argparse.Namespace) -> int:
@@ -167,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the local demo (own broker and database)")
     p.add_argument("--state-dir", default=".local/demo")
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="stop after this long (default: run until Ctrl-C)")
+    p.add_argument("--api-port", type=int, default=None,
+                   help="the console's port (default ELDERSAFE_API_PORT or 8000; a free one"
+                   " if taken)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("edge", help="run a site's edge gateway (drivers, outbox, MQTT)")
     p.add_argument("--config", required=True, help="site config YAML")
