@@ -288,6 +288,7 @@ class DistrictCollector(Collector):
         self.totals = DistrictTotals()
         self.gauges = Gauges()
         self.up = False
+        self.caught_up = False  # the change log read to its end once since the start
         self.errors = 0
         self.refreshed_at: float | None = None  # monotonic
         self._conn: psycopg.Connection[Any] | None = None
@@ -352,7 +353,10 @@ class DistrictCollector(Collector):
                 },
             ).fetchall()
             self._fold(rows)
-            if len(rows) < self.page or time.monotonic() - started > self.budget_s:
+            if len(rows) < self.page:
+                self.caught_up = True
+                return
+            if time.monotonic() - started > self.budget_s:
                 return
 
     def _fold(self, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -379,6 +383,20 @@ class DistrictCollector(Collector):
     # -- exposition ----------------------------------------------------------
 
     def _families(self) -> Iterable[Metric]:
+        if self.caught_up:
+            yield from self._log_families()
+        # Until the log is read to its end, the totals are short of the district's: a
+        # counter that climbed through a catch-up would read as a burst of alerts to
+        # rate(). Absent series instead; then the first value is the whole count.
+        yield GaugeMetricFamily(
+            "eldersafe_district_metrics_catching_up",
+            "1 while this server reads the change log it has not read since its start"
+            " (the alert series are left out meanwhile)",
+            value=float(not self.caught_up),
+        )
+        yield from self._gauge_families()
+
+    def _log_families(self) -> Iterable[Metric]:
         t = self.totals
         opened = CounterMetricFamily(
             "eldersafe_alerts_opened",
@@ -418,6 +436,7 @@ class DistrictCollector(Collector):
                 family.add_metric([kind_of, severity], buckets.cumulative(), buckets.total)
             yield family
 
+    def _gauge_families(self) -> Iterable[Metric]:
         g = self.gauges
         unresolved = GaugeMetricFamily(
             "eldersafe_alerts_unresolved",

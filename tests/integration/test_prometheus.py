@@ -344,3 +344,35 @@ def test_district_collector_keeps_scraping_while_the_database_is_away() -> None:
     samples = {s.name: s.value for family in collector.collect() for s in family.samples}
     assert samples["eldersafe_district_metrics_up"] == 0
     assert samples["eldersafe_district_metrics_errors_total"] == 1
+
+
+async def test_district_collector_leaves_alert_series_out_until_it_has_read_the_log(
+    database: str,
+) -> None:
+    """A restarted server reads the log from its start, page by page within a budget per
+    scrape: a counter climbing through that would look like a burst of alerts, so the
+    series are absent until the whole count is known."""
+    import_district(database, District.model_validate(DISTRICT))
+    ingest(database, "site-a", "wb-1", "sos")
+    ingest(database, "site-b", "btn-1", "sos")
+    assert await drain(database, T0) == 2
+    changes = scalar(database, "SELECT count(*) FROM alert_changes")
+    assert changes >= 2
+    collector = DistrictCollector(database, cache_s=0, page=1, budget_s=0)
+
+    def scrape() -> dict[str, float]:
+        return {
+            s.name: s.value
+            for family in collector.collect()
+            for s in family.samples
+            if s.name in ("eldersafe_alerts_opened_total", "eldersafe_district_metrics_catching_up")
+        }
+
+    seen = [scrape() for _ in range(changes + 1)]  # one change per scrape, then the end
+    for partial in seen[:changes]:
+        assert partial == {"eldersafe_district_metrics_catching_up": 1}
+    assert seen[changes] == {
+        "eldersafe_district_metrics_catching_up": 0,
+        "eldersafe_alerts_opened_total": 2,
+    }
+    collector.close()
