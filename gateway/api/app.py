@@ -16,12 +16,28 @@ from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.api.live import LiveFeed
-from gateway.api.routes import alerts, auth, feed, stats
+from gateway.api.routes import (
+    alerts,
+    auth,
+    devices,
+    feed,
+    notify,
+    organisations,
+    policies,
+    privacy,
+    residents,
+    sites,
+    staff,
+    stats,
+    telemetry,
+)
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth.router, alerts.router, stats.router, feed.router)
+ROUTERS = (auth.router, alerts.router, stats.router, feed.router, organisations.router,
+           sites.router, residents.router, privacy.router, devices.router, staff.router,
+           policies.router, telemetry.router, notify.router)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -16,6 +16,8 @@ from alerting.lifecycle import Command, CommandKind, IllegalTransition, acknowle
 from alerting.lifecycle import reopen as reopen_command
 from alerting.lifecycle import resolve as resolve_command
 from alerting.model import Alert, Channel, Outcome
+from alerting.planner import escalate_by_hand
+from gateway.alerts.directory import Directory, load_policy_book
 from gateway.alerts.unit_of_work import command
 from gateway.api.deps import Conn, CurrentUser, Now
 from gateway.api.idempotency import IdempotencyKey, once
@@ -61,6 +63,10 @@ class ResolveBody(BaseModel):
 
 class NoteBody(BaseModel):
     text: str = Field(min_length=1, max_length=2000, pattern=_BAD_TEXT)
+
+
+class EscalateBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, pattern=_BAD_TEXT)
 
 
 class ReopenBody(BaseModel):
@@ -216,3 +222,19 @@ async def comment_alert(alert_id: uuid.UUID, body: NoteBody, conn: Conn, me: Cur
     return await once(conn, me, key, "POST", request.url.path, lambda: _act(
         conn, me, alert_id, now,
         lambda a: Command(CommandKind.NOTE, me.actor, Channel.CONSOLE, note=body.text)))
+
+
+@_route_action("/{alert_id}/escalate", "Call the next rung of the ladder now, with a reason")
+async def escalate_alert(alert_id: uuid.UUID, body: EscalateBody, conn: Conn, me: CurrentUser,
+                         now: Now, request: Request, key: IdempotencyKey = None) -> Any:
+    """For an open alert: the rung above its level fires at once (the supervisor, the
+    street...), the audit names who escalated and why; 409 at the top rung."""
+
+    async def run() -> AlertView:
+        view = await _one(conn, me, alert_id)
+        directory = Directory(conn, await load_policy_book(conn))
+        await directory.preload([view.site.id])
+        return await _act(conn, me, alert_id, now, lambda a: escalate_by_hand(
+            a, directory.policy_for(a), me.actor, Channel.CONSOLE, body.reason))
+
+    return await once(conn, me, key, "POST", request.url.path, run)
