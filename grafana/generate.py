@@ -1,8 +1,9 @@
 """The Grafana screens as code: ``python -m grafana.generate`` writes grafana/dashboards/*.json.
 
-Built with Grafana's own typed builders (grafana-foundation-sdk, the 11.x line),
-so a panel option that Grafana's dashboard model does not know is a type error
-here rather than a screen that silently ignores it. The SDK has no query type
+Built with Grafana's own typed builders (grafana-foundation-sdk of the Grafana
+release docker-compose runs, 11.3), so a panel option that Grafana's dashboard
+model does not know is a type error here rather than a screen that silently
+ignores it. The SDK has no query type
 for the PostgreSQL datasource, so ``SqlQuery`` below is that one model, in the
 SDK's own ``Dataquery`` shape, and is registered with the SDK's runtime so the
 committed JSON parses back through it (tests/unit/test_dashboards_model.py).
