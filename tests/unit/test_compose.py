@@ -411,3 +411,17 @@ def test_grafana_role_reads_every_table_and_writes_none(pg_cluster: Any) -> None
         conn.execute("SET default_transaction_read_only = off")  # not its only defence
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM telemetry")
+
+
+def test_deploy_doc_lists_every_metric() -> None:
+    """docs/deploy.md's metric tables name every series the processes export."""
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    sources = ("gateway/metrics.py", "gateway/metrics_district.py", "gateway/edge/metrics.py")
+    names = {
+        name
+        for source in sources
+        for name in re.findall(r'"(eldersafe_[a-z_]+)"', (REPO / source).read_text())
+    }
+    assert len(names) > 40
+    missing = sorted(n for n in names if not re.search(rf"`{n}(_total)?[`{{]", doc))
+    assert not missing, f"not in docs/deploy.md: {missing}"
