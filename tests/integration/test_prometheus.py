@@ -224,6 +224,14 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
                 )
                 return events, from_edge
 
+            def delivered() -> int:
+                return int(
+                    scalar(
+                        database,
+                        "SELECT count(*) FROM notifications WHERE delivered_at IS NOT NULL",
+                    )
+                )
+
             ack = "eldersafe_alert_time_to_acknowledge_seconds"
             scene = "eldersafe_alert_time_to_on_scene_seconds"
             sos = '{type="sos",severity="critical"}'
@@ -255,6 +263,10 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
                 expected["eldersafe_edge_pipeline_total{job='edge',counter='events_sent'}"] = (
                     from_edge
                 )
+                # each notice's first delivery, timed from its step (this one server)
+                expected[
+                    'sum(eldersafe_notify_time_to_deliver_seconds_count{job="server"}) or vector(0)'
+                ] = delivered()
                 found = {expr: prometheus.value(expr) for expr in expected}
                 return {e: (want, found[e]) for e, want in expected.items() if found[e] != want}
 
@@ -272,6 +284,7 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
                 ) from None
             # Per-process ingest series sit beside the district's: messages in, batch times.
             events, _ = stored()
+            assert delivered() > 0  # the duty officer's console
             assert events == 3  # the edge's press and the two published
             messages_in = prometheus.value('eldersafe_ingest_messages_total{job="server"}')
             assert messages_in is not None and messages_in >= events
