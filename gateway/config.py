@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     # the district's alert series (gateway/metrics_district.py) are read from the
     # database at most this often, however many scrapers ask
-    metrics_district_cache_s: float = Field(5.0, ge=0)
+    metrics_district_cache_s: Annotated[float, Field(ge=0)] = 5.0
     # Alert engine: "database" reads time from table engine_clock (tests drive it;
     # refused in production); the poll is the fallback to LISTEN/NOTIFY wake-ups.
     engine_clock: Literal["system", "database"] = "system"
