@@ -190,6 +190,7 @@ class LiveFeed:
         self.dsn = dsn
         self.timings = timings
         self.position: int | None = None  # the last change offered to the fan-out
+        self.passes = 0  # reads of the log so far (tests wait on it)
         self._started = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -247,6 +248,7 @@ class LiveFeed:
                 self._up.set()
                 while True:
                     await self._read_all(conn)
+                    self.passes += 1
                     if waker.done():
                         waker.result()  # the LISTEN connection broke: reconnect both
                     waiting = (await (await conn.execute(_WAITING)).fetchone() or (False,))[0]

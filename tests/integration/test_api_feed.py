@@ -22,6 +22,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.alerts.audit_verify import verify
+from gateway.api.live import CLOSE_BEHIND, Closing, FeedTimings, LiveFeed, Subscriber
+from gateway.api.principal import load_principal
 from gateway.local.mosquitto import MosquittoInstance
 
 pytestmark = pytest.mark.timeout(180)
@@ -308,3 +310,158 @@ async def test_an_acknowledgement_through_one_server_reaches_a_console_on_anothe
     print(f"acknowledge through A -> console on B: {[round(d * 1000) for d in delays]} ms"
           f" (A answered after {[round(d * 1000) for d in answered]} ms)")
     assert max(delays) < 1.0, delays
+
+
+async def joined(live: LiveFeed, dsn: str, staff: str, org: str) -> Subscriber:
+    """A subscriber of ``live`` as the WebSocket route makes one (with ``after: null``)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        me = await load_principal(conn, staff, staff, "duty", org)
+
+        async def nothing_sent_directly(text: str) -> None:
+            raise AssertionError(f"with after null everything goes through the outbox: {text}")
+
+        return await live.join(conn, me, None, nothing_sent_directly)
+
+
+async def test_a_change_held_behind_an_older_transaction_arrives_when_it_ends(
+    database: str,
+) -> None:
+    """The feed shows a change only once every older transaction has ended (positions
+    commit out of order). Such a transaction may end without touching the log, so no
+    notification follows: the reader must look again by itself, not at its 30 s poll."""
+    seed_tenants(database)
+    live = LiveFeed(database, FeedTimings(fallback_poll_s=30.0))
+    await live.start()
+    try:
+        sub = await joined(live, database, "duty-a", "station-a")
+        assert [json.loads(m)["type"] for m in await sub.next_messages(0)] == ["ready"]
+        with psycopg.connect(database) as older:
+            older.execute("SELECT pg_current_xact_id()")  # a transaction with an xid, open
+            raise_event(database, "site-a", "wb-a", "sos")
+            await drain(database, T0)  # committed, notified, yet behind the open one
+            passes = live.passes
+            await until(lambda: live.passes >= passes + 2, 10, "the reader to look twice")
+            assert await sub.next_messages(0) == [], "shown before an older transaction ended"
+            older.commit()  # ends without touching the log: no notification
+            ended = time.perf_counter()
+        got = await sub.next_messages(10)
+        assert [json.loads(m)["action"] for m in got] == ["opened", "escalated"]
+        assert time.perf_counter() - ended < 5, "waited for the fallback poll"
+    finally:
+        await live.stop()
+
+
+async def test_a_slow_client_is_closed_and_neither_holds_the_reader_nor_grows(
+    database: str,
+) -> None:
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-y", 10)
+    live = LiveFeed(database, FeedTimings(outbox_limit=5))
+    await live.start()
+    try:
+        slow = await joined(live, database, "duty-a", "station-a")  # never reads
+        fast = await joined(live, database, "sup-a", "station-a")
+        received: list[Message] = []
+
+        async def read_fast() -> None:
+            while len(received) < 21:  # ready + 10 alerts x (opened, escalated)
+                received.extend(json.loads(m) for m in await fast.next_messages(10))
+
+        reading = asyncio.create_task(read_fast())
+        for device in devices:
+            raise_event(database, "site-a", device, "sos")
+            await drain(database, T0)
+        await asyncio.wait_for(reading, 30)
+        assert [m["type"] for m in received].count("change") == 20
+        assert slow.closing is not None and slow.closing.code == CLOSE_BEHIND
+        with pytest.raises(Closing):
+            await slow.next_messages(0)
+        assert fast.closing is None
+    finally:
+        await live.stop()
+
+
+def changes_of(dsn: str, device: str) -> list[int]:
+    """Positions of the changes of ``device``'s alert, in feed order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.position FROM alert_changes c JOIN alerts a ON a.id = c.alert_id"
+            " WHERE a.device_id = %s ORDER BY c.xid, c.position", (device,)
+        ).fetchall()  # fmt: skip
+    return [r[0] for r in rows]
+
+
+async def test_the_reader_moving_during_a_catch_up_leaves_no_gap_and_no_duplicate(
+    database: str,
+) -> None:
+    """Forced: while a reconnecting client is being sent its catch-up (without the reader's
+    lock), another alert commits and the reader fans it out to everyone else. The client
+    gets it from the last stretch of its catch-up, once, and the next from the fan-out."""
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-z", 5)
+    live = LiveFeed(database)
+    await live.start()
+    try:
+        for device in devices[:3]:
+            raise_event(database, "site-a", device, "sos")
+        await drain(database, T0)
+        last = changes_of(database, devices[2])[-1]
+        await until(lambda: live.position == last, 10, "the reader at the end")
+        resume_from = changes_of(database, devices[0])[0]  # the client saw the first change
+        direct: list[int] = []
+
+        async def send(text: str) -> None:
+            msg = json.loads(text)
+            direct.append(msg.get("position", 0) if msg["type"] == "change" else -1)
+            if len(direct) == 2:  # mid catch-up: another alert, and the reader fans it out
+                raise_event(database, "site-a", devices[3], "sos")
+                await drain(database, T0)
+                moved = changes_of(database, devices[3])[-1]
+                await until(lambda: live.position == moved, 10, "the reader past it")
+
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            sub = await live.join(conn, me, resume_from, send)
+        raise_event(database, "site-a", devices[4], "sos")
+        await drain(database, T0)
+        final = changes_of(database, devices[4])[-1]
+        queued: list[int] = []
+        while final not in queued:
+            queued += [json.loads(m)["position"] for m in await sub.next_messages(10)]
+        assert direct[0] == -1  # ready
+        received = direct[1:] + queued
+        expected = [p for d in devices for p in changes_of(database, d)][1:]
+        assert received == expected, "a change lost, doubled or out of order at the seam"
+    finally:
+        await live.stop()
+
+
+async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
+    database: str,
+) -> None:
+    """A position this server's reader has not reached yet (the client came from a server
+    that is ahead): nothing up to it is sent again, everything after it is."""
+    seed_tenants(database)
+    live = LiveFeed(database)
+    await live.start()
+    try:
+        with psycopg.connect(database) as older:
+            older.execute("SELECT pg_current_xact_id()")  # holds every reader back
+            raise_event(database, "site-a", "wb-a", "sos")
+            await drain(database, T0)
+            opened, escalated = changes_of(database, "wb-a")
+            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+                me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+                sent: list[str] = []
+
+                async def send(text: str) -> None:
+                    sent.append(text)
+
+                sub = await live.join(conn, me, opened, send)
+            assert [json.loads(m) for m in sent] == [{"type": "ready", "position": opened}]
+            assert sub.skip_through == opened
+            older.commit()
+        got = [json.loads(m) for m in await sub.next_messages(10)]
+        assert [m["position"] for m in got] == [escalated]
+    finally:
+        await live.stop()
