@@ -21,37 +21,40 @@ from psycopg.rows import dict_row
 from alerting.model import Alert, AlertStatus, AlertType, Channel, Severity
 from alerting.pipeline import Recipient
 from alerting.policy import DEFAULTS, EscalationPolicy, Level, PolicyBook, PolicySet, Role
+from gateway.alerts.store import Finish, finished
 
-_UNIT_PATH = """
-WITH RECURSIVE up (id, parent_id, kind, webhook_url, depth) AS (
-    SELECT o.id, o.parent_id, o.kind, o.webhook_url, 0
-    FROM sites s JOIN organisations o ON o.id = s.organisation_id WHERE s.id = %s
+# Set-based: one statement per kind of look-up for a whole unit of work's alerts.
+_UNIT_PATHS = """
+WITH RECURSIVE up (site_id, id, parent_id, kind, webhook_url, depth) AS (
+    SELECT s.id, o.id, o.parent_id, o.kind, o.webhook_url, 0
+    FROM sites s JOIN organisations o ON o.id = s.organisation_id WHERE s.id = ANY(%s)
     UNION ALL
-    SELECT o.id, o.parent_id, o.kind, o.webhook_url, up.depth + 1
+    SELECT up.site_id, o.id, o.parent_id, o.kind, o.webhook_url, up.depth + 1
     FROM organisations o JOIN up ON o.id = up.parent_id
 )
-SELECT id, kind, webhook_url FROM up ORDER BY depth
+SELECT site_id, id, kind, webhook_url FROM up ORDER BY site_id, depth
 """
 _STAFF = """
-SELECT id, phone, apprise_url FROM staff
-WHERE organisation_id = %s AND role = %s AND active ORDER BY id
+SELECT organisation_id, role, id, phone, apprise_url FROM staff
+WHERE organisation_id = ANY(%s) AND role = ANY(%s) AND active ORDER BY id
 """
 _ON_DUTY = """
-SELECT DISTINCT s.id, s.phone, s.apprise_url FROM staff s JOIN shifts sh ON sh.staff_id = s.id
-WHERE s.organisation_id = %s AND s.role = 'duty' AND s.active
+SELECT DISTINCT s.organisation_id, s.id, s.phone, s.apprise_url
+FROM staff s JOIN shifts sh ON sh.staff_id = s.id
+WHERE s.organisation_id = ANY(%s) AND s.role = 'duty' AND s.active
   AND sh.starts_at <= %s AND %s < sh.ends_at
 ORDER BY s.id
 """
-_ONE_STAFF = "SELECT id, phone, apprise_url FROM staff WHERE id = %s"
+_ONE_STAFF = "SELECT id, phone, apprise_url FROM staff WHERE id = ANY(%s)"
 _FAMILY = """
-SELECT r.id AS resident_id, f.name, f.phone, f.apprise_url
+SELECT r.site_id, r.id AS resident_id, f.name, f.phone, f.apprise_url
 FROM residents r JOIN family_contacts f ON f.resident_id = r.id
-WHERE r.site_id = %s
+WHERE r.site_id = ANY(%s)
 UNION ALL
-SELECT r.id, r.family_contact_name, r.family_contact_phone, NULL FROM residents r
-WHERE r.site_id = %s AND r.family_contact_phone IS NOT NULL
+SELECT r.site_id, r.id, r.family_contact_name, r.family_contact_phone, NULL FROM residents r
+WHERE r.site_id = ANY(%s) AND r.family_contact_phone IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM family_contacts f WHERE f.resident_id = r.id)
-ORDER BY 1, 2
+ORDER BY 2, 3
 """
 
 
@@ -98,12 +101,26 @@ def policy_from_json(doc: Mapping[str, Any]) -> EscalationPolicy:
 
 
 async def load_policy_book(conn: psycopg.AsyncConnection[Any]) -> PolicyBook:
+    return await (await request_policy_book(conn))()
+
+
+async def request_policy_book(conn: psycopg.AsyncConnection[Any]) -> Finish[PolicyBook]:
+    """Send the read of the policy overrides (``store.Finish``): read at every unit of
+    work, so a changed override applies from the next one."""
     cur = await conn.execute(
         "SELECT unit_id, alert_type, severity, policy FROM escalation_policies"
     )
+
+    async def finish() -> PolicyBook:
+        return _policy_book(await cur.fetchall())
+
+    return finish
+
+
+def _policy_book(rows: Sequence[tuple[Any, ...]]) -> PolicyBook:
     by_type: dict[str, dict[tuple[AlertType, Severity], EscalationPolicy]] = {}
     by_severity: dict[str, dict[Severity, EscalationPolicy]] = {}
-    for unit, alert_type, severity, doc in await cur.fetchall():
+    for unit, alert_type, severity, doc in rows:
         policy = policy_from_json(doc)
         if alert_type:
             by_type.setdefault(unit, {})[(AlertType(alert_type), Severity(severity))] = policy
@@ -114,77 +131,160 @@ async def load_policy_book(conn: psycopg.AsyncConnection[Any]) -> PolicyBook:
     return PolicyBook(overrides, DEFAULTS)
 
 
+def _family_recipient(r: Mapping[str, Any]) -> Recipient:
+    targets: dict[Channel, str] = {}
+    if r["apprise_url"]:
+        targets[Channel.MESSAGING] = r["apprise_url"]
+    if r["phone"]:
+        targets[Channel.VOICE] = r["phone"]
+        targets[Channel.SMS] = r["phone"]
+    return Recipient(f"family:{r['resident_id']}:{r['name']}", Role.FAMILY, targets)
+
+
+# What a role's people depend on: (kind, key) — one look-up serves every alert with the key.
+_Need = tuple[str, str]
+
+
 class Directory:
-    """Reads the organisation tree and people within the caller's transaction."""
+    """Reads the organisation tree and people within the caller's transaction.
+
+    Answers are kept for the transaction (one ``Directory`` per unit of work, so on-duty
+    staff are read at each unit of work, never cached across transactions), and the
+    look-ups of a whole batch of steps are made set-based: one statement per kind.
+    """
 
     def __init__(self, conn: psycopg.AsyncConnection[Any], book: PolicyBook) -> None:
         self.conn = conn
         self.book = book
         self._paths: dict[str, tuple[Unit, ...]] = {}
+        self._people: dict[tuple[_Need, datetime | None], list[Mapping[str, Any]]] = {}
 
     async def unit_path(self, site_id: str) -> tuple[Unit, ...]:
         """From the site's unit up to the bureau; empty for a site not in the tree."""
-        if site_id not in self._paths:
-            cur = await self.conn.execute(_UNIT_PATH, (site_id,))
-            self._paths[site_id] = tuple(Unit(*row) for row in await cur.fetchall())
+        await self.preload([site_id])
         return self._paths[site_id]
 
     async def preload(self, site_ids: Sequence[str]) -> None:
-        for site_id in set(site_ids):
-            await self.unit_path(site_id)
+        await (await self.request_paths(site_ids))()
+
+    async def request_paths(self, site_ids: Sequence[str]) -> Finish[None]:
+        """Send the read of the sites' unit paths not known yet (``store.Finish``)."""
+        missing = sorted({s for s in site_ids if s not in self._paths})
+        if not missing:
+            return finished(None)
+        cur = await self.conn.execute(_UNIT_PATHS, (missing,))
+
+        async def finish() -> None:
+            paths: dict[str, list[Unit]] = {s: [] for s in missing}
+            for site_id, *unit in await cur.fetchall():
+                paths[site_id].append(Unit(*unit))
+            self._paths.update((s, tuple(units)) for s, units in paths.items())
+
+        return finish
 
     def policy_for(self, alert: Alert) -> EscalationPolicy:
         """Needs ``preload`` of the alert's site (``settle`` takes a plain callable)."""
         path = [u.id for u in self._paths.get(alert.site_id, ())]
         return self.book.resolve(path, alert.type, alert.severity)
 
-    async def _rows(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, params)
-            return await cur.fetchall()
+    async def _send(
+        self, sql: str, params: Sequence[Any]
+    ) -> psycopg.AsyncCursor[dict[str, Any]]:
+        cur = self.conn.cursor(row_factory=dict_row)
+        await cur.execute(sql, params)
+        return cur
 
     async def recipients(
         self, alert: Alert, roles: Sequence[Role], now: datetime
     ) -> dict[Role, tuple[Recipient, ...]]:
-        path = await self.unit_path(alert.site_id)
-        out: dict[Role, tuple[Recipient, ...]] = {}
-        for role in roles:
-            out[role] = tuple(await self._role(alert, role, path, now))
-        return out
+        return (await self.recipients_of([(alert, roles)], now))[0]
 
-    async def _role(
-        self, alert: Alert, role: Role, path: tuple[Unit, ...], now: datetime
-    ) -> list[Recipient]:
+    async def recipients_of(
+        self, wanted: Sequence[tuple[Alert, Sequence[Role]]], now: datetime
+    ) -> list[dict[Role, tuple[Recipient, ...]]]:
+        """The people of each (alert, roles) at ``now``, looked up for all of them at once."""
+        await self.preload([alert.site_id for alert, _ in wanted])
+        return await (await self.request_recipients(wanted, now))()
+
+    async def request_recipients(
+        self, wanted: Sequence[tuple[Alert, Sequence[Role]]], now: datetime
+    ) -> Finish[list[dict[Role, tuple[Recipient, ...]]]]:
+        """``recipients_of`` as a request (``store.Finish``); the sites must be preloaded."""
+        needs = [[(role, self._need(alert, role)) for role in roles] for alert, roles in wanted]
+        fetched = await self._request({n for per_alert in needs for _, n in per_alert if n}, now)
+
+        async def finish() -> list[dict[Role, tuple[Recipient, ...]]]:
+            await fetched()
+            out = []
+            for per_alert in needs:
+                found: dict[Role, tuple[Recipient, ...]] = {}
+                for role, need in per_alert:
+                    found[role] = self._recipients(role, need, now) if need else ()
+                out.append(found)
+            return out
+
+        return finish
+
+    def _need(self, alert: Alert, role: Role) -> _Need | None:
+        path = self._paths[alert.site_id]
         unit = path[0] if path else None
         if role is Role.DUTY and unit:
-            rows = await self._rows(_ON_DUTY, (unit.id, now, now))
-            return [_staff_recipient(r, role) for r in rows]
+            return ("duty", unit.id)
         if role is Role.SUPERVISOR and unit:
-            rows = await self._rows(_STAFF, (unit.id, "supervisor"))
-            return [_staff_recipient(r, role) for r in rows]
+            return ("supervisor", unit.id)
         if role is Role.STREET:
             street = next((u for u in path if u.kind == "street"), None)
-            if street is None:
-                return []
-            rows = await self._rows(_STAFF, (street.id, "street"))
-            return [_staff_recipient(r, role) for r in rows]
+            return ("street", street.id) if street else None
         if role is Role.BUREAU:
             bureau = next((u for u in path if u.kind == "bureau"), None)
             if bureau is None or not bureau.webhook_url:
-                return []
-            return [Recipient(f"bureau:{bureau.id}", role, {Channel.WEBHOOK: bureau.webhook_url})]
+                return None
+            return ("bureau", bureau.id)
         if role is Role.FAMILY:
-            out = []
-            for r in await self._rows(_FAMILY, (alert.site_id, alert.site_id)):
-                targets: dict[Channel, str] = {}
-                if r["apprise_url"]:
-                    targets[Channel.MESSAGING] = r["apprise_url"]
-                if r["phone"]:
-                    targets[Channel.VOICE] = r["phone"]
-                    targets[Channel.SMS] = r["phone"]
-                out.append(Recipient(f"family:{r['resident_id']}:{r['name']}", role, targets))
-            return out
+            return ("family", alert.site_id)
         if role is Role.ACKNOWLEDGER and alert.acknowledged_by:
-            staff_id = alert.acknowledged_by.removeprefix("staff:")
-            return [_staff_recipient(r, role) for r in await self._rows(_ONE_STAFF, (staff_id,))]
-        return []
+            return ("staff", alert.acknowledged_by.removeprefix("staff:"))
+        return None
+
+    async def _request(self, needs: set[_Need], now: datetime) -> Finish[None]:
+        """Send what ``needs`` asks for and is not known yet, one statement per kind."""
+        todo: dict[str, list[str]] = {}
+        for kind, key in needs:
+            if kind != "bureau" and (self._key((kind, key), now)) not in self._people:
+                todo.setdefault(kind, []).append(key)
+        sent: list[tuple[str, str, psycopg.AsyncCursor[dict[str, Any]]]] = []
+        for kind, keys in todo.items():
+            for key in keys:
+                self._people[self._key((kind, key), now)] = []
+            if kind == "duty":
+                cur = await self._send(_ON_DUTY, (keys, now, now))
+                sent.append(("duty", "organisation_id", cur))
+            elif kind in ("supervisor", "street"):
+                sent.append((kind, "organisation_id", await self._send(_STAFF, (keys, [kind]))))
+            elif kind == "family":
+                sent.append(("family", "site_id", await self._send(_FAMILY, (keys, keys))))
+            elif kind == "staff":
+                sent.append(("staff", "id", await self._send(_ONE_STAFF, (keys,))))
+
+        async def finish() -> None:
+            for kind, column, cur in sent:
+                for r in await cur.fetchall():
+                    self._people[self._key((kind, r[column]), now)].append(r)
+                await cur.close()
+
+        return finish
+
+    @staticmethod
+    def _key(need: _Need, now: datetime) -> tuple[_Need, datetime | None]:
+        return (need, now if need[0] == "duty" else None)  # who is on duty depends on when
+
+    def _recipients(self, role: Role, need: _Need, now: datetime) -> tuple[Recipient, ...]:
+        kind, key = need
+        if kind == "bureau":
+            bureau = next(u for p in self._paths.values() for u in p if u.id == key)
+            assert bureau.webhook_url is not None
+            return (Recipient(f"bureau:{bureau.id}", role, {Channel.WEBHOOK: bureau.webhook_url}),)
+        rows = self._people[self._key(need, now)]
+        if kind == "family":
+            return tuple(_family_recipient(r) for r in rows)
+        return tuple(_staff_recipient(r, role) for r in rows)

@@ -9,11 +9,12 @@ its row, its chained audit rows and head, its change-log rows, its fired steps
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -31,10 +32,23 @@ _ALERT_COLUMNS = (
     " acknowledged_at, acknowledged_by, on_scene_at, on_scene_by, condition_cleared_at,"
     " outcome, resolved_at, resolved_by"
 )
+# Every write is one statement for a whole list of rows: columns go in as arrays and
+# come out of unnest (executemany would cost a pipeline sync, and in async psycopg a
+# busy wait, per call; a plain statement is one round trip).
 _UPSERT = f"""
 INSERT INTO alerts ({_ALERT_COLUMNS}, unit_id, updated_at)
-VALUES ({", ".join(["%s"] * 24)},
-        (SELECT organisation_id FROM sites WHERE id = %s), now())
+SELECT u.id, u.site_id, u.device_id, u.type, u.severity, u.status, u.dedup_key, u.opened_at,
+       u.last_seen_at, u.escalation_anchor, u.count, u.level, u.epoch,
+       ARRAY(SELECT jsonb_array_elements_text(u.sources)), u.first_event_id, u.last_event_id,
+       u.acknowledged_at, u.acknowledged_by, u.on_scene_at, u.on_scene_by,
+       u.condition_cleared_at, u.outcome, u.resolved_at, u.resolved_by,
+       (SELECT organisation_id FROM sites WHERE id = u.site_id), now()
+FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::timestamptz[], %s::timestamptz[], %s::timestamptz[], %s::int[], %s::int[],
+            %s::int[], %s::jsonb[], %s::uuid[], %s::uuid[], %s::timestamptz[], %s::text[],
+            %s::timestamptz[], %s::text[], %s::timestamptz[], %s::text[], %s::timestamptz[],
+            %s::text[])
+    AS u ({_ALERT_COLUMNS})
 ON CONFLICT (id) DO UPDATE SET
     severity = excluded.severity, status = excluded.status, last_seen_at = excluded.last_seen_at,
     escalation_anchor = excluded.escalation_anchor, count = excluded.count,
@@ -47,21 +61,46 @@ ON CONFLICT (id) DO UPDATE SET
 """
 _AUDIT = """
 INSERT INTO alert_audit (time, alert_id, seq, actor, action, channel, detail, prev_hash, hash)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(%s::timestamptz[], %s::uuid[], %s::bigint[], %s::text[], %s::text[],
+                     %s::text[], %s::jsonb[], %s::bytea[], %s::bytea[])
 """
-_HEAD = """
-INSERT INTO alert_audit_heads (alert_id, seq, hash) VALUES (%s, %s, %s)
+_HEADS = """
+INSERT INTO alert_audit_heads (alert_id, seq, hash)
+SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bytea[])
 ON CONFLICT (alert_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
 """
-_CHANGE = """
-INSERT INTO alert_changes (alert_id, seq, time, action, alert) VALUES (%s, %s, %s, %s, %s)
+# Positions follow the list's order (the live feed's order of an alert's changes).
+_CHANGES = """
+INSERT INTO alert_changes (alert_id, seq, time, action, alert)
+SELECT alert_id, seq, time, action, alert
+FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[], %s::text[], %s::jsonb[])
+    WITH ORDINALITY AS c (alert_id, seq, time, action, alert, n)
+ORDER BY n
 """
-_STEP = """
+_NEXT_STEPS = """
+UPDATE alerts a SET next_step_at = u.at
+FROM unnest(%s::uuid[], %s::timestamptz[]) AS u (id, at) WHERE a.id = u.id
+"""
+_STEPS = """
 INSERT INTO alert_steps (step_id, alert_id, epoch, kind, level, n, due_at, fired_at, fired_by)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT step_id, alert_id, epoch, kind, level, n, due_at, %s, %s
+FROM unnest(%s::text[], %s::uuid[], %s::int[], %s::text[], %s::smallint[], %s::int[],
+            %s::timestamptz[]) AS s (step_id, alert_id, epoch, kind, level, n, due_at)
 ON CONFLICT (step_id) DO NOTHING
 RETURNING step_id
 """
+
+
+T = TypeVar("T")
+# A read already sent: awaiting it reads the answer (see ``request_heads``).
+Finish = Callable[[], Awaitable[T]]
+
+
+def finished(value: T) -> Finish[T]:
+    async def finish() -> T:
+        return value
+
+    return finish
 
 
 def alert_from_row(r: Mapping[str, Any]) -> Alert:
@@ -97,10 +136,16 @@ def _values(a: Alert) -> tuple[Any, ...]:
     return (
         a.id, a.site_id, a.device_id, a.type.value, a.severity.value, a.status.value,
         a.dedup_key, a.opened_at, a.last_seen_at, a.escalation_anchor, a.count, a.level,
-        a.epoch, sorted(a.sources), a.first_event_id, a.last_event_id, a.acknowledged_at,
-        a.acknowledged_by, a.on_scene_at, a.on_scene_by, a.condition_cleared_at,
-        a.outcome.value if a.outcome else None, a.resolved_at, a.resolved_by, a.site_id,
+        a.epoch, Jsonb(sorted(a.sources)), a.first_event_id, a.last_event_id,
+        a.acknowledged_at, a.acknowledged_by, a.on_scene_at, a.on_scene_by,
+        a.condition_cleared_at, a.outcome.value if a.outcome else None, a.resolved_at,
+        a.resolved_by,
     )  # fmt: skip
+
+
+def columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as ``width`` column lists: the parameters of an ``unnest`` statement."""
+    return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
 def alert_json(a: Alert) -> dict[str, Any]:
@@ -157,45 +202,88 @@ class PgAlertTransaction:
         )
         return rows[0] if rows else None
 
+    @contextlib.asynccontextmanager
+    async def opening_race(self) -> AsyncIterator[None]:
+        """Around writes that may open an alert: losing the race for a dedup key is a
+        recoverable ``StoreError``. In pipeline mode the violation surfaces at the next
+        sync, so this wraps the first read that follows the upsert too."""
+        try:
+            yield
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "alerts_open_dedup":
+                raise
+            # Another server opened this dedup key first (nothing to lock before): roll
+            # back and apply again — it will then find that alert and count a repeat.
+            raise StoreError(f"alert opened concurrently: {exc}", recoverable=True) from exc
+
+    async def load_heads(self, alert_ids: Iterable[uuid.UUID]) -> None:
+        """Lock and cache the audit-chain heads of ``alert_ids`` in one round trip."""
+        await (await self.request_heads(alert_ids))()
+
+    async def request_heads(self, alert_ids: Iterable[uuid.UUID]) -> Finish[None]:
+        """Send the heads' read; the returned coroutine function reads the answer. On a
+        connection in pipeline mode several requests then share one round trip."""
+        missing = sorted({a for a in alert_ids if a not in self._heads})
+        if not missing:
+            return finished(None)
+        cur = await self.conn.execute(
+            "SELECT alert_id, seq, hash FROM alert_audit_heads WHERE alert_id = ANY(%s)"
+            " ORDER BY alert_id FOR UPDATE",
+            (missing,),
+        )
+
+        async def finish() -> None:
+            rows = await cur.fetchall()
+            for alert_id in missing:
+                self._heads[alert_id] = None
+            for alert_id, seq, digest in rows:
+                self._heads[alert_id] = ChainHead(alert_id, seq, bytes(digest))
+
+        return finish
+
     async def save(self, transitions: Sequence[Transition]) -> None:
-        for t in transitions:
-            try:
-                await self.conn.execute(_UPSERT, _values(t.after))
-            except psycopg.errors.UniqueViolation as exc:
-                # Another server opened this dedup key first (nothing to lock before):
-                # roll back and apply again — it will then find that alert and count a repeat.
-                raise StoreError(f"alert {t.after.dedup_key} opened concurrently: {exc}",
-                                 recoverable=True) from exc
-            seq = await self._append(t.audit)
-            await self.conn.execute(
-                _CHANGE,
-                (t.after.id, seq, t.audit.time, t.audit.action.value, Jsonb(alert_json(t.after))),
+        """Each transition's row, chained audit row and change-log row, in order.
+
+        Set-based: one statement per kind for the whole list, the chain computed here
+        from heads read in one go. An alert's row is written once, in its final state;
+        change-log positions follow the list's order."""
+        if not transitions:
+            return
+        final = {t.after.id: t.after for t in transitions}
+        async with self.opening_race():
+            await self.conn.execute(_UPSERT, columns([_values(a) for a in final.values()], 24))
+        changes = []
+        seqs = await self._append_all([t.audit for t in transitions])
+        for t, seq in zip(transitions, seqs, strict=True):
+            changes.append(
+                (t.after.id, seq, t.audit.time, t.audit.action.value, Jsonb(alert_json(t.after)))
             )
+        await self.conn.execute(_CHANGES, columns(changes, 5))
 
     async def audit(self, entries: Sequence[AuditEntry]) -> None:
+        await self._append_all(entries)
+
+    async def _append_all(self, entries: Sequence[AuditEntry]) -> list[int]:
+        """Chain ``entries`` in order onto their alerts' heads: rows and heads written set-based."""
+        if not entries:
+            return []
+        await self.load_heads(e.alert_id for e in entries)
+        rows = []
+        heads: dict[uuid.UUID, ChainHead] = {}
+        seqs = []
         for entry in entries:
-            await self._append(entry)
-
-    async def _head(self, alert_id: uuid.UUID) -> ChainHead | None:
-        if alert_id not in self._heads:
-            cur = await self.conn.execute(
-                "SELECT seq, hash FROM alert_audit_heads WHERE alert_id = %s FOR UPDATE",
-                (alert_id,),
-            )
-            row = await cur.fetchone()
-            self._heads[alert_id] = ChainHead(alert_id, row[0], bytes(row[1])) if row else None
-        return self._heads[alert_id]
-
-    async def _append(self, entry: AuditEntry) -> int:
-        row, head = chain_entry(entry, await self._head(entry.alert_id))
+            row, head = chain_entry(entry, self._heads[entry.alert_id])
+            rows.append(
+                (row.time, row.alert_id, row.seq, row.actor, row.action, row.channel,
+                 Jsonb(dict(row.detail)), row.prev_hash, row.hash)
+            )  # fmt: skip
+            self._heads[entry.alert_id] = heads[entry.alert_id] = head
+            seqs.append(head.seq)
+        await self.conn.execute(_AUDIT, columns(rows, 9))
         await self.conn.execute(
-            _AUDIT,
-            (row.time, row.alert_id, row.seq, row.actor, row.action, row.channel,
-             Jsonb(dict(row.detail)), row.prev_hash, row.hash),
-        )  # fmt: skip
-        await self.conn.execute(_HEAD, (head.alert_id, head.seq, head.hash))
-        self._heads[entry.alert_id] = head
-        return head.seq
+            _HEADS, columns([(h.alert_id, h.seq, h.hash) for h in heads.values()], 3)
+        )
+        return seqs
 
     async def fired_steps(self, alert_id: uuid.UUID, epoch: int) -> frozenset[StepKey]:
         fired = await self.fired_steps_of([alert_id])
@@ -204,26 +292,50 @@ class PgAlertTransaction:
     async def fired_steps_of(
         self, alert_ids: Sequence[uuid.UUID]
     ) -> dict[uuid.UUID, frozenset[StepKey]]:
-        async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                "SELECT alert_id, epoch, kind, level, n FROM alert_steps WHERE alert_id = ANY(%s)",
-                (list(alert_ids),),
-            )
+        return await (await self.request_fired_steps(alert_ids))()
+
+    async def request_fired_steps(
+        self, alert_ids: Sequence[uuid.UUID]
+    ) -> Finish[dict[uuid.UUID, frozenset[StepKey]]]:
+        cur = self.conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT alert_id, epoch, kind, level, n FROM alert_steps WHERE alert_id = ANY(%s)",
+            (list(alert_ids),),
+        )
+
+        async def finish() -> dict[uuid.UUID, frozenset[StepKey]]:
             out: dict[uuid.UUID, set[StepKey]] = {}
             for r in await cur.fetchall():
                 out.setdefault(r["alert_id"], set()).add(step_key_from_row(r))
-        return {k: frozenset(v) for k, v in out.items()}
+            await cur.close()
+            return {k: frozenset(v) for k, v in out.items()}
+
+        return finish
 
     async def record_step(self, key: StepKey, at: datetime, due: datetime | None = None) -> bool:
+        return key.id in await self.record_steps([(key, due or at)], at)
+
+    async def record_steps(
+        self, steps: Sequence[tuple[StepKey, datetime]], at: datetime
+    ) -> frozenset[str]:
+        """Record each (step, due) fired at ``at``; returns the ids that are new (a key
+        already there fired before). One statement for the whole list."""
+        if not steps:
+            return frozenset()
         cur = await self.conn.execute(
-            _STEP,
-            (key.id, key.alert_id, key.epoch, key.kind.value, key.level, key.n,
-             due or at, at, self.worker),
+            _STEPS,
+            (at, self.worker, [k.id for k, _ in steps], [k.alert_id for k, _ in steps],
+             [k.epoch for k, _ in steps], [k.kind.value for k, _ in steps],
+             [k.level for k, _ in steps], [k.n for k, _ in steps], [d for _, d in steps]),
         )  # fmt: skip
-        return await cur.fetchone() is not None
+        return frozenset(str(r[0]) for r in await cur.fetchall())
 
     async def set_next_step_at(self, alert_id: uuid.UUID, at: datetime | None) -> None:
-        await self.conn.execute("UPDATE alerts SET next_step_at = %s WHERE id = %s", (at, alert_id))
+        await self.set_next_steps_at([(alert_id, at)])
+
+    async def set_next_steps_at(self, plans: Sequence[tuple[uuid.UUID, datetime | None]]) -> None:
+        if plans:
+            await self.conn.execute(_NEXT_STEPS, columns(plans, 2))
 
     async def claim_due(self, now: datetime, limit: int) -> Sequence[Alert]:
         return await self._alerts(

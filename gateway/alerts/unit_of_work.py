@@ -33,6 +33,7 @@ from alerting.conditions import (
     evaluate_threshold,
     threshold_rule_for,
 )
+from alerting.downlink import Downlink
 from alerting.engine import Effects, settle
 from alerting.lifecycle import Command, IllegalTransition, Transition, transition
 from alerting.model import Alert
@@ -50,20 +51,24 @@ from alerting.rules import (
     signal_key,
 )
 from device_drivers import profiles as device_profiles
-from gateway.alerts.directory import Directory, load_policy_book
-from gateway.alerts.store import PgAlertTransaction
+from gateway.alerts.directory import Directory, load_policy_book, request_policy_book
+from gateway.alerts.store import Finish, PgAlertTransaction, columns, finished
 
 log = logging.getLogger(__name__)
 
-_NOTICE = """
+# One statement per kind for a whole unit of work (rows as unnest columns, store.columns).
+_NOTICES = """
 INSERT INTO notifications (key, alert_id, step_id, level, person_id, role, channel, target, text,
     until_status, fallback, not_before, channel_since)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
+                     %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
+                     %s::timestamptz[], %s::timestamptz[])
 ON CONFLICT (key) DO NOTHING
 """
-_DOWNLINK = """
+_DOWNLINKS = """
 INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action, created_at)
-VALUES (%s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[],
+                     %s::timestamptz[])
 ON CONFLICT (command_id) DO NOTHING
 """
 # Events of one site are applied in order by one worker at a time: a worker takes
@@ -112,71 +117,100 @@ def event_from_row(r: dict[str, Any]) -> EngineEvent:
 async def persist(
     tx: PgAlertTransaction, directory: Directory, effects: Effects, now: datetime, out: Outcome
 ) -> None:
+    """Write ``effects`` with a handful of set-based statements, whatever the batch's size.
+
+    The reads come first (audit-chain heads, the roles' people, the devices' profiles),
+    then the writes; on a connection in pipeline mode only the fired-steps insert (its
+    RETURNING says which steps are new) waits for PostgreSQL before the commit."""
     changes = [t for t in effects.transitions if "step" not in t.audit.detail]
-    await tx.save(changes)  # a new alert's row first: its steps refer to it
-    already: set[str] = set()
-    for _alert, step in effects.steps:
-        if await tx.record_step(step.key, now, due=step.at):
-            out.steps += 1
-        else:
-            already.add(step.key.id)
-            out.steps_already_fired += 1
+    wanted = [(alert, step.roles) for alert, step in effects.steps]
+    heads = await tx.request_heads(t.after.id for t in effects.transitions)
+    recipients = await directory.request_recipients(wanted, now)
+    devices = await _request_devices(tx, effects.downlinks)
+    await heads()
+    people = await recipients()
+    accepted = await devices()
+    async with tx.opening_race():
+        await tx.save(changes)  # a new alert's row first: its steps refer to it
+        new = await tx.record_steps([(step.key, step.at) for _, step in effects.steps], now)
+    out.steps += len(new)
+    out.steps_already_fired += len(effects.steps) - len(new)
     fired = [
         t for t in effects.transitions
-        if "step" in t.audit.detail and t.audit.detail["step"] not in already
+        if "step" in t.audit.detail and t.audit.detail["step"] in new
     ]  # fmt: skip
     await tx.save(fired)
     out.alerts.update(t.after.id for t in (*changes, *fired))
     planned = [
-        PlannedStep(alert, step, await directory.recipients(alert, step.roles, now))
-        for alert, step in effects.steps
-        if step.key.id not in already
+        PlannedStep(alert, step, found)
+        for (alert, step), found in zip(effects.steps, people, strict=True)
+        if step.key.id in new
     ]
     if planned:
         batch = await Escalate()(Batch(now, steps=tuple(planned)))
-        for n in batch.pending:
-            await tx.conn.execute(
-                _NOTICE,
-                (n.key, n.alert_id, n.step_id, n.level, n.person_id, n.role.value,
-                 n.channel.value, n.target, n.text, n.until.value,
-                 Jsonb([[c.value, t] for c, t in n.fallback]), n.not_before, n.channel_since),
-            )  # fmt: skip
-            out.notices += 1
+        notices = [
+            (n.key, n.alert_id, n.step_id, n.level, n.person_id, n.role.value,
+             n.channel.value, n.target, n.text, n.until.value,
+             Jsonb([[c.value, t] for c, t in n.fallback]), n.not_before, n.channel_since)
+            for n in batch.pending
+        ]  # fmt: skip
+        if notices:
+            await tx.conn.execute(_NOTICES, columns(notices, 13))
+        out.notices += len(notices)
         await tx.audit([u.audit() for u in batch.unstaffed])
-    for d in effects.downlinks:
-        if not await _device_accepts(tx, d.site_id, d.device_id, d.action):
-            continue
-        await tx.conn.execute(
-            _DOWNLINK, (d.command_id, d.alert_id, d.site_id, d.device_id, d.action, now)
-        )
-        out.downlinks += 1
-    for alert_id, at in effects.next_step_at:
-        await tx.set_next_step_at(alert_id, at)
+    downlinks = [
+        (d.command_id, d.alert_id, d.site_id, d.device_id, d.action, now)
+        for d in effects.downlinks
+        if _accepts(accepted, d)
+    ]
+    if downlinks:
+        await tx.conn.execute(_DOWNLINKS, columns(downlinks, 6))
+        out.downlinks += len(downlinks)
+    await tx.set_next_steps_at(effects.next_step_at)
     if effects.next_step_at:
         # Timer workers sleep until the earliest deadline they know: tell them at commit.
         await tx.conn.execute("SELECT pg_notify('engine_timers', '')")
 
 
-async def _device_accepts(tx: PgAlertTransaction, site: str, device: str, action: str) -> bool:
-    """Whether the device's profile can carry out ``action`` (``Profile.commands``).
+async def _request_devices(
+    tx: PgAlertTransaction, downlinks: Sequence[Downlink]
+) -> Finish[dict[tuple[str, str], frozenset[str] | None]]:
+    """The commands each downlink's device can carry out (``Profile.commands``).
 
     The engine's downlinks are per alert type ("alarm received" blinks a button's
     LED; a wristband has no such command): a command the profile lacks is not
-    queued at all. A device the registry does not know is sent the command, and
-    the edge's answer says what became of it.
+    queued at all. A device the registry does not know, or whose profile is not
+    known here (None), is sent the command, and the edge's answer says what became
+    of it.
     """
-    row = await (
-        await tx.conn.execute(
-            "SELECT profile FROM devices WHERE site_id = %s AND id = %s", (site, device)
-        )
-    ).fetchone()
-    if row is None:
-        return True
-    try:
-        commands = device_profiles.get(str(row[0])).commands
-    except KeyError:
-        return True
-    return action in commands
+    if not downlinks:
+        return finished({})
+    keys = sorted({(d.site_id, d.device_id) for d in downlinks})
+    cur = await tx.conn.execute(
+        "SELECT d.site_id, d.id, d.profile FROM devices d"
+        " JOIN unnest(%s::text[], %s::text[]) AS k (site_id, id)"
+        " ON d.site_id = k.site_id AND d.id = k.id",
+        ([s for s, _ in keys], [i for _, i in keys]),
+    )
+
+    async def finish() -> dict[tuple[str, str], frozenset[str] | None]:
+        out: dict[tuple[str, str], frozenset[str] | None] = {}
+        for site, device, profile in await cur.fetchall():
+            try:
+                out[(site, device)] = frozenset(device_profiles.get(str(profile)).commands)
+            except KeyError:
+                out[(site, device)] = None
+        return out
+
+    return finish
+
+
+def _accepts(accepted: dict[tuple[str, str], frozenset[str] | None], d: Downlink) -> bool:
+    key = (d.site_id, d.device_id)
+    if key not in accepted:
+        return True  # not in the registry: sent, and the edge answers
+    commands = accepted[key]
+    return commands is None or d.action in commands
 
 
 async def _settle_and_persist(
@@ -188,8 +222,10 @@ async def _settle_and_persist(
     claimed: Sequence[Alert] = (),
 ) -> None:
     latest = {a.id: a for a in claimed} | {t.after.id: t.after for t in changes}
-    await directory.preload([a.site_id for a in latest.values()])
-    fired = await tx.fired_steps_of(list(latest))
+    paths = await directory.request_paths([a.site_id for a in latest.values()])
+    steps = await tx.request_fired_steps(list(latest))
+    await paths()
+    fired = await steps()
 
     def fired_for(alert: Alert) -> frozenset[StepKey]:
         return frozenset(k for k in fired.get(alert.id, ()) if k.epoch == alert.epoch)
@@ -221,9 +257,13 @@ def _lock_order(row: dict[str, Any]) -> tuple[str, ...]:
 async def intake_batch(
     conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 50, worker: str = "engine"
 ) -> Outcome:
-    """Claim up to ``limit`` inbox rows (SKIP LOCKED), apply each, delete them; one commit."""
+    """Claim up to ``limit`` inbox rows (SKIP LOCKED), apply each, delete them; one commit.
+
+    In pipeline mode: a statement whose result nothing reads (the writes, savepoints,
+    the deletes) costs no round trip of its own; only reads wait for PostgreSQL."""
     out = Outcome()
-    async with conn.transaction():
+    async with conn.pipeline(), conn.transaction():
+        book = await request_policy_book(conn)  # sent with the claim: one round trip
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(_CLAIM_INBOX, (limit,))
             rows = await cur.fetchall()
@@ -232,11 +272,13 @@ async def intake_batch(
         # Alerts are locked in key order across the batch, so two workers never deadlock.
         rows.sort(key=lambda r: (_lock_order(r), r["id"]))
         tx = PgAlertTransaction(conn, worker)
-        directory = Directory(conn, await load_policy_book(conn))
+        directory = Directory(conn, await book())
+        await directory.preload([r["site_id"] for r in rows])
         for row in rows:
             await _apply_row(conn, tx, directory, row, now, out)
-            await conn.execute("DELETE FROM engine_inbox WHERE id = %s", (row["id"],))
             out.events += 1
+        done = [r["id"] for r in rows]
+        await conn.execute("DELETE FROM engine_inbox WHERE id = ANY(%s)", (done,))
     return out
 
 
@@ -277,12 +319,13 @@ async def timers_tick(
 ) -> Outcome:
     """Claim alerts whose ``next_step_at`` has come (SKIP LOCKED) and fire their steps."""
     out = Outcome()
-    async with conn.transaction():
+    async with conn.pipeline(), conn.transaction():
         tx = PgAlertTransaction(conn, worker)
+        book = await request_policy_book(conn)  # sent with the claim: one round trip
         claimed = await tx.claim_due(now, limit)
         if not claimed:
             return out
-        directory = Directory(conn, await load_policy_book(conn))
+        directory = Directory(conn, await book())
         await _settle_and_persist(tx, directory, (), now, out, claimed)
     return out
 
