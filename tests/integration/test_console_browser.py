@@ -5,6 +5,7 @@ figures per unit."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 from api_support import PASSWORD, T0, api_client, login, raise_event, seed_tenants
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page, WebSocket, async_playwright
 from support import ServerProcess, scalar
 from test_alert_engine import DISTRICT, drain, ingest, rows
 from test_downlink_e2e import SCENARIO, until_true
@@ -196,5 +197,84 @@ async def test_a_wristband_fall_rings_the_duty_console_and_one_tap_tells_the_wri
         await page.click("#lang-toggle")
         assert "Fall" in await card.inner_text()
         await shots(page, "en")
+        await browser.close()
+    assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+
+
+async def test_the_console_resumes_from_its_position_renews_its_token_and_taps_once(
+    database: str, broker: MosquittoInstance, make_server: Any, tmp_path: Path
+) -> None:
+    """The server goes away while an alert is raised: the page reconnects by itself with
+    its last position and shows that alert without a reload; its short token is renewed
+    before it runs out; a double tap is one acknowledgement; on scene and resolve with an
+    outcome reach the alert."""
+    seed_console(database)
+    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05",
+                                        ELDERSAFE_API_TOKEN_TTL_S="30")  # fmt: skip
+    server.start()
+    await asyncio.to_thread(server.wait_session)
+    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = await (await browser.new_context(viewport=PHONE, locale="en-US")).new_page()
+        auths: list[dict[str, Any]] = []
+
+        def on_socket(ws: WebSocket) -> None:
+            def sent(frame: str | bytes) -> None:
+                message = json.loads(frame)
+                if message.get("type") == "auth":
+                    auths.append(message)
+
+            ws.on("framesent", sent)
+
+        page.on("websocket", on_socket)
+        await sign_in(page, server.api_port, "duty-1")
+        # a 30 s token is renewed well before it ends (at two thirds of its life, ≥ 5 s in)
+        async with page.expect_response("**/api/auth/refresh", timeout=20_000) as renewed:
+            pass
+        assert (await renewed.value).status == 200
+
+        await asyncio.to_thread(ingest, database, "site-a", "wb-1", "sos", "pulse",
+                                datetime.now(UTC))
+        first = page.locator('.alert-card[data-type="sos"]')
+        await first.wait_for(timeout=10_000)
+        position = scalar(database, "SELECT max(position) FROM alert_changes")
+
+        # The server stops; a fall is raised and its alert opened meanwhile (the engine's
+        # intake in this process), so only a resume from the position can bring it.
+        server.stop()
+        await page.wait_for_selector('body[data-feed="offline"]', timeout=10_000)
+        await asyncio.to_thread(ingest, database, "site-b", "btn-9", "fall", "pulse",
+                                datetime.now(UTC))
+        assert await drain(database, datetime.now(UTC)) == 1
+        server.start()
+        await asyncio.to_thread(server.wait_session)
+        await page.wait_for_selector('.alert-card[data-type="fall"]', timeout=30_000)
+        assert await page.get_attribute("body", "data-feed") == "live"
+        assert auths[0]["after"] is None
+        resumed = auths[-1]["after"]
+        assert isinstance(resumed, int) and resumed >= position, auths
+
+        # A double tap: one acknowledgement, one idempotency key per tap at most.
+        await first.locator(".act-acknowledge").dblclick()
+        await page.wait_for_selector('.alert-card[data-type="sos"][data-status="acknowledged"]',
+                                     timeout=5_000)  # fmt: skip
+        sos_id = await first.get_attribute("data-alert-id")
+        assert scalar(database, "SELECT count(*) FROM alert_audit WHERE alert_id = %s"
+                      " AND action = 'acknowledged'", (sos_id,)) == 1  # fmt: skip
+        await first.locator(".act-on_scene").click()
+        await page.wait_for_selector('.alert-card[data-type="sos"][data-status="on_scene"]',
+                                     timeout=5_000)  # fmt: skip
+        await first.locator("select.outcome").select_option("false_alarm")
+        await first.locator(".act-resolve").click()
+        await page.wait_for_selector('.alert-card[data-type="sos"][data-status="resolved"]',
+                                     timeout=5_000)  # fmt: skip
+        assert rows(database, "SELECT status, outcome, on_scene_by, resolved_by FROM alerts"
+                    " WHERE id = %s", (sos_id,)) == [
+            ("resolved", "false_alarm", "staff:duty-1", "staff:duty-1")]  # fmt: skip
+        # the unacknowledged fall still rings; the resolved sos is listed after it
+        assert await page.get_attribute("body", "data-alarm") == "sounding"
+        order = await page.eval_on_selector_all(".alert-card", "cs => cs.map(c => c.dataset.type)")
+        assert order == ["fall", "sos"]
         await browser.close()
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()

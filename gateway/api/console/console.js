@@ -423,11 +423,13 @@ let displayedTimer = null;
 const visibility = new IntersectionObserver((observed) => {
   for (const o of observed) {
     const id = o.target.dataset.alertId;
-    if (o.isIntersecting) onScreen.add(id);
-    else onScreen.delete(id);
+    // most of the card, or enough of a tall one (timeline open on a phone) to read it
+    if (o.isIntersecting && (o.intersectionRatio >= 0.4 || o.intersectionRect.height >= 160)) {
+      onScreen.add(id);
+    } else onScreen.delete(id);
   }
   queueDisplayed();
-}, { threshold: 0.4 });
+}, { threshold: [0, 0.1, 0.2, 0.3, 0.4] });
 
 function queueDisplayed() {
   if (displayedTimer === null) displayedTimer = setTimeout(flushDisplayed, 250);
