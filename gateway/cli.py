@@ -137,6 +137,48 @@ def cmd_district_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_staff_password(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from gateway.api.security import hash_password
+
+    # Never on the command line (ps and shell history would show it).
+    password = os.environ.get(args.password_env, "") if args.password_env \
+        else sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        print("refused: a password needs at least 10 characters", file=sys.stderr)
+        return 1
+    with psycopg.connect(args.database_url or _settings().database_url) as conn:
+        # a new password ends every token issued before (token_version)
+        done = conn.execute(
+            "UPDATE staff SET password_hash = %s, token_version = token_version + 1"
+            " WHERE id = %s RETURNING id", (hash_password(password), args.id)).fetchone()
+    if done is None:
+        print(f"refused: no staff member {args.id!r}", file=sys.stderr)
+        return 1
+    print(f"password set for {args.id}; their earlier tokens no longer work")
+    return 0
+
+
+def cmd_api_key_add(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from gateway.api.security import api_key_digest, new_api_key
+
+    key = new_api_key()
+    try:
+        with psycopg.connect(args.database_url or _settings().database_url) as conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, organisation_id, role, key_sha256)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (args.id, args.name or args.id, args.org, args.role, api_key_digest(key)))
+    except psycopg.Error as exc:
+        print(f"refused: {exc.diag.message_primary or exc}", file=sys.stderr)
+        return 1
+    print(key)  # shown once: only its SHA-256 is stored
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eldersafe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -192,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = audit.add_parser("verify", help="check every hash chain; name edited/inserted/deleted rows")
     p.add_argument("--database-url")
     p.set_defaults(func=cmd_audit_verify)
+    p = sub.add_parser("staff-password",
+                       help="set a staff member's password (from stdin or --password-env)")
+    p.add_argument("id")
+    p.add_argument("--password-env", help="read the password from this environment variable")
+    p.add_argument("--database-url")
+    p.set_defaults(func=cmd_staff_password)
+    p = sub.add_parser("api-key-add", help="create an integration's API key; printed once")
+    p.add_argument("--id", required=True)
+    p.add_argument("--org", required=True, help="the organisation it acts within")
+    p.add_argument("--role", required=True,
+                   choices=["duty", "supervisor", "street", "bureau", "admin"])
+    p.add_argument("--name")
+    p.add_argument("--database-url")
+    p.set_defaults(func=cmd_api_key_add)
     p = sub.add_parser("district-import", help="load a district (YAML/JSON) idempotently")
     p.add_argument("file")
     p.set_defaults(func=cmd_district_import)

@@ -18,11 +18,12 @@ import psycopg
 
 from gateway.alerts.downlink import DownlinkWorkers
 from gateway.alerts.workers import EngineWorkers
+from gateway.api import privacy
 from gateway.api.app import serve_api
 from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
-from gateway.db.retention import drop_old_telemetry
+from gateway.db.retention import delete_old_sensitive_telemetry, drop_old_telemetry
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.ingest.store import IngestStore
 from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint, SessionIncident
@@ -55,6 +56,11 @@ async def retention_loop(settings: Settings) -> None:
                 dropped = await drop_old_telemetry(conn, keep)
                 if dropped:
                     log.info("retention: dropped %d telemetry chunks older than %s", dropped, keep)
+                sensitive = await delete_old_sensitive_telemetry(
+                    conn, timedelta(days=settings.sensitive_retention_days),
+                    privacy.LOCATION_METRICS | privacy.HEALTH_METRICS, privacy.HEALTH_PROFILES)
+                if sensitive:
+                    log.info("retention: deleted %d health and position readings", sensitive)
         except psycopg.Error as exc:
             log.warning("retention run failed: %s", exc)
         await asyncio.sleep(settings.retention_check_interval_s)

@@ -5,6 +5,9 @@ acknowledge-code callback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
 
@@ -280,3 +283,37 @@ async def test_the_providers_ack_code_confirms_and_acknowledges(database: str) -
         right = await api.post("/api/notify/ack-code", headers=provider, json=body)
         assert right.json() == {"confirmed": True, "acknowledged": True}
     assert scalar(database, "SELECT acknowledged_by FROM alerts") == "staff:duty-a"
+
+
+def _cli(dsn: str, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], input=stdin, capture_output=True,
+        text=True, timeout=60, check=False,
+        env=os.environ | {"ELDERSAFE_DATABASE_URL": dsn, "ELDERSAFE_ENVIRONMENT": "test"} | env)
+
+
+async def test_cli_sets_a_password_and_adds_an_api_key_shown_once(database: str) -> None:
+    seed_tenants(database)
+    async with api_client(database) as api:
+        old_token = await login(api, "duty-a")
+        short = _cli(database, "staff-password", "duty-a", stdin="short\n")
+        assert short.returncode == 1 and "at least 10" in short.stderr
+        nobody = _cli(database, "staff-password", "nobody", stdin="long enough pass\n")
+        assert nobody.returncode == 1 and "no staff member" in nobody.stderr
+        done = _cli(database, "staff-password", "duty-a", "--password-env", "NEW_PW",
+                    NEW_PW="a brand new secret")
+        assert done.returncode == 0, done.stderr
+        assert "a brand new secret" not in done.stdout
+        assert (await api.get("/api/auth/me", headers=old_token)).status_code == 401
+        assert (await api.post("/api/auth/login", json={
+            "username": "duty-a", "password": "a brand new secret"})).status_code == 200
+        added = _cli(database, "api-key-add", "--id", "dispatch", "--org", "street-1",
+                     "--role", "street")
+        assert added.returncode == 0, added.stderr
+        key = added.stdout.strip()
+        me = (await api.get("/api/auth/me", headers={"X-API-Key": key})).json()
+        assert me["units"] == ["station-a", "station-b", "street-1"]
+        assert key.encode() not in bytes(scalar(database, "SELECT key_sha256 FROM api_keys"))
+        unknown_org = _cli(database, "api-key-add", "--id", "x", "--org", "nowhere",
+                           "--role", "duty")
+        assert unknown_org.returncode == 1 and "refused" in unknown_org.stderr
