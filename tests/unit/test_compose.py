@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,18 @@ SERVICES = {"admin", "mosquitto", "timescaledb", "server", "edge", "prometheus",
 
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ELDERSAFE_")}
-    return subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "--profile", "simulators", *args],
-        cwd=REPO,
-        env={**clean, **(env if env is not None else SECRETS)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.env"  # a developer's .env must not stand in for a value
+        empty.write_text("")
+        command = ["docker-compose", "-f", str(COMPOSE), "--env-file", str(empty)]
+        return subprocess.run(
+            [*command, "--profile", "simulators", *args],
+            cwd=REPO,
+            env={**clean, **(env if env is not None else SECRETS)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 @pytest.fixture(scope="module")
