@@ -197,6 +197,13 @@ async def test_a_wristband_fall_rings_the_duty_console_and_one_tap_tells_the_wri
         await page.click("#lang-toggle")
         assert "Fall" in await card.inner_text()
         await shots(page, "en")
+        # a reload keeps the session (sessionStorage) and the language (localStorage), and
+        # the list is loaded again from the start
+        await page.reload()
+        await page.wait_for_selector('body[data-feed="live"]', timeout=10_000)
+        await page.wait_for_selector('.alert-card[data-type="fall"]', timeout=10_000)
+        assert await page.get_attribute("html", "lang") == "en"
+        assert await page.locator(".alert-card").count() == 2
         await browser.close()
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()
 
