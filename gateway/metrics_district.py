@@ -336,6 +336,11 @@ class DistrictCollector(Collector):
             self.up = False
             log.warning("district metrics not read (last values kept): %s", exc)
             self._drop()
+        except Exception:  # a bug here must not take the server's own series down too
+            self.errors += 1
+            self.up = False
+            log.exception("district metrics failed (last values kept)")
+            self._drop()
         # also after a failure: a database away is not asked again at every scrape
         self.refreshed_at = time.monotonic()
 

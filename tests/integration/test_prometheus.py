@@ -389,3 +389,29 @@ async def test_district_collector_leaves_alert_series_out_until_it_has_read_the_
         "eldersafe_alerts_opened_total": 2,
     }
     collector.close()
+
+
+def test_change_facts_count_a_direct_on_scene_as_acknowledged_and_time_a_reopened_ladder() -> None:
+    """Pure: what one change-log row contributes (no database needed)."""
+    from gateway.metrics_district import AlertFact, facts_from_change
+
+    opened = "2026-11-23T03:00:00+00:00"
+    alert = {"type": "fall", "severity": "critical", "opened_at": opened,
+             "escalation_anchor": opened, "acknowledged_at": "2026-11-23T03:02:00+00:00",
+             "on_scene_at": "2026-11-23T03:02:00+00:00"}  # fmt: skip
+    assert facts_from_change("on_scene", alert) == (
+        AlertFact("acknowledged", "fall", "critical", seconds=120.0),
+        AlertFact("on_scene", "fall", "critical", seconds=120.0),
+    )
+    reopened = {**alert, "escalation_anchor": "2026-11-23T05:00:00+00:00",
+                "acknowledged_at": "2026-11-23T05:00:30+00:00"}  # fmt: skip
+    assert facts_from_change("acknowledged", reopened) == (
+        AlertFact("acknowledged", "fall", "critical", seconds=30.0),
+    )
+    assert facts_from_change("opened", alert) == (AlertFact("opened", "fall", "critical"),)
+    assert facts_from_change("opened", alert, "station-1")[0].unit == "station-1"
+    assert facts_from_change("repeated", alert) == ()
+    # a row that is not what the engine writes gives nothing rather than a failed scrape
+    assert facts_from_change("acknowledged", {"type": "fall"}) == ()
+    assert facts_from_change("acknowledged", {**alert, "acknowledged_at": "yesterday"}) == ()
+    assert facts_from_change("acknowledged", {**alert, "acknowledged_at": 7}) == ()
