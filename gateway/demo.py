@@ -8,8 +8,9 @@ a bureau, two streets, four stations, a care home, 60 homes, staff on shifts), r
 
 - every scenario of ``simulators/scenarios`` on a loop, each with its simulated
   devices at their real transports and a real ``eldersafe edge`` process;
-- the other 57 homes driven lighter: now and then one of them sends an SOS or a
-  fall as its gateway would (the contract's event over MQTT with its own account).
+- the other 57 homes and the care home's rooms driven lighter: now and then one of
+  them sends an SOS or a fall as its gateway would (the contract's event over MQTT
+  with its own account).
   Sixty edge processes (and their BLE and Modbus simulators) would not fit two cores
   beside the server and database; the four scenario edges already prove the device
   path, and the district still sees alerts from every station;
@@ -48,6 +49,7 @@ from gateway.db.migrate import migrate
 from gateway.demo_district import (
     DEMO_PASSWORD,
     LADDER_S,
+    care_home_room_ids,
     demo_district,
     demo_logins,
     generated_home_ids,
@@ -86,7 +88,8 @@ def _postgres_can_reach(path: Path) -> bool:
 
 
 def _say(text: str) -> None:
-    print(f"demo: {text}", flush=True)
+    clear = "\r\033[K" if sys.stdout.isatty() else ""  # over the live line, not after it
+    print(f"{clear}demo: {text}", flush=True)
 
 
 def _port_free(port: int) -> bool:
@@ -198,12 +201,14 @@ async def _home_events(port: int, gateways: dict[str, str], tally: Tally) -> Non
     """Now and then one of the homes without a scenario raises an alert, as its gateway
     would: a contract event (QoS 1) under its own account, which the ACL keeps to its site."""
     pick = random.Random(2026)
-    homes = generated_home_ids()
+    homes = generated_home_ids() + care_home_room_ids()
+    numbers = {site: f"{i:03d}" for i, site in enumerate(generated_home_ids(), start=1)}
+    numbers.update({site: f"{100 + k:03d}" for k, site in enumerate(care_home_room_ids(), 1)})
     while True:
         await asyncio.sleep(pick.uniform(*HOME_EVENT_EVERY_S))
         site = pick.choice(homes)
         prefix, profile, kind = pick.choice(_HOME_EVENTS)
-        device = f"{prefix}-{site.removeprefix('home-')}"
+        device = f"{prefix}-{numbers[site]}"
         event = EventPayload(v=1, event_id=uuid.uuid4(), type=kind,
                              phase=Phase.PULSE, time=datetime.now(UTC), profile=profile,
                              data={"confidence": 90} if kind is EventType.FALL else {})  # fmt: skip

@@ -29,6 +29,7 @@ from simulators.scenario import Scenario
 DEMO_PASSWORD = "eldersafe-demo"
 TIMEZONE = ZoneInfo("Asia/Shanghai")
 HOMES = 60
+ROOMS = ("201", "202", "203", "205", "206", "207")  # the care home's second floor
 SHIFT_HOURS = ((0, "night"), (8, "day"), (16, "evening"))  # local start hour, slot name
 SHIFT_DAYS = 8  # from yesterday: a demo left running for a week still has staff on duty
 LADDER_S = (0, 15, 30, 45)  # the demo's rungs, in seconds
@@ -114,6 +115,11 @@ def generated_home_ids() -> list[str]:
     return [f"home-{i:03d}" for i in range(1, HOMES - len(_scenario_home_sites()) + 1)]
 
 
+def care_home_room_ids() -> list[str]:
+    """The care home's residents' rooms (also driven by occasional events)."""
+    return [f"anyang-{r}" for r in ROOMS]
+
+
 def _scenario_home_sites() -> list[str]:
     return [s for s, (unit, _, _) in SCENARIO_HOMES.items() if unit != "inst-anyang"]
 
@@ -136,23 +142,40 @@ def _homes(scenarios: list[Scenario]) -> tuple[list[Any], list[Any], list[Any]]:
     for n, (site, (unit, person, birth)) in enumerate(SCENARIO_HOMES.items()):
         sc = by_site.get(site)
         kind = "room" if unit == "inst-anyang" else "home"
-        title = sc.title if sc else site
-        sites.append({"id": site, "organisation": unit, "kind": kind,
-                      "name": f"{person}家" if person else "安养护理院二楼厨房",
-                      "address": f"{_ROADS[n % len(_ROADS)]}{100 + n}号 ({title})"})  # fmt: skip
+        address = f"{_ROADS[n % len(_ROADS)]}{100 + n}弄{n + 1}号101室" if person else \
+            "东方路88号 安养护理院二楼"
+        sites.append({"id": site, "organisation": unit, "kind": kind, "address": address,
+                      "name": _home_name(unit, n + 1) if person else "二楼公共厨房"})  # fmt: skip
         rid = f"r-{site}"
         if person:
-            residents.append(_resident(rid, site, person, birth, 100 + n, alone=False))
+            # Mrs Wang lives alone (her scenario's story): the welfare check watches her
+            residents.append(_resident(rid, site, person, birth, 100 + n,
+                                       alone=site == "home-wang"))  # fmt: skip
         if sc:
             for row in scenario_devices(sc):
                 if person and row["profile"] == "es-wb1":
                     row["resident"] = rid
                 devices.append(row)
+    for k, site in enumerate(care_home_room_ids(), start=1):
+        i = 100 + k  # device numbers after the homes'
+        name = _name(i, _GIVEN_OLD, 4)
+        sites.append({"id": site, "organisation": "inst-anyang", "kind": "room",
+                      "name": f"护理院 {site.removeprefix('anyang-')}室",
+                      "address": "东方路88号 安养护理院二楼"})  # fmt: skip
+        rid = f"r-{site}"
+        residents.append(_resident(rid, site, name, 1928 + k, i, alone=False))
+        devices += [
+            {"site": site, "id": f"rx-{i:03d}", "profile": "es-cb1", "address": "receiver"},
+            {"site": site, "id": f"btn-{i:03d}", "profile": "es-cb1",
+             "address": f"{0x00D00000 + i:08x}", "description": "床头呼叫器"},
+            {"site": site, "id": f"wb-{i:03d}", "profile": "es-wb1",
+             "address": f"C0:4E:57:02:00:{k:02X}", "resident": rid},
+        ]  # fmt: skip
     for i, site in enumerate(generated_home_ids(), start=1):
         unit = STATIONS[i % len(STATIONS)]
         name = _name(i, _GIVEN_OLD)
         address = f"{_ROADS[i % len(_ROADS)]}{i}弄{i % 9 + 1}号{i % 6 + 1}01室"
-        sites.append({"id": site, "organisation": unit, "name": f"{name}家",
+        sites.append({"id": site, "organisation": unit, "name": _home_name(unit, 10 + i),
                       "address": address})  # fmt: skip
         rid = f"r-{site}"
         residents.append(_resident(rid, site, name, 1930 + i % 19, i, alone=i % 4 == 0))
@@ -170,6 +193,13 @@ def _homes(scenarios: list[Scenario]) -> tuple[list[Any], list[Any], list[Any]]:
             devices.append({"site": site, "id": f"ef-{i:03d}", "profile": "es-ef1",
                             "address": "unit-2", "description": "电气火灾监控"})  # fmt: skip
     return sites, residents, devices
+
+
+def _home_name(unit: str, n: int) -> str:
+    """A site's name never carries its resident's: the API masks the person's name and
+    address above the responsible unit, not the site's name."""
+    station = next(o["name"] for o in ORGANISATIONS if o["id"] == unit)
+    return f"{station.removesuffix('社区站')} 居家{n:03d}"
 
 
 def _short(unit: str) -> str:

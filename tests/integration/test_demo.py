@@ -1,13 +1,14 @@
-"""``make demo`` (issue 9, point 4): the demo district runs with scripted staff, and Ctrl-C
-leaves nothing behind.
+"""``make demo`` (issue 9, point 4): the demo district runs with scripted staff, its console
+shows live alerts in a real browser, and Ctrl-C leaves nothing behind.
 
 The demo runs as ``eldersafe demo`` in a child process with its own state directory
 (its own TimescaleDB cluster and Mosquitto) and its own API port. Everything is read
 through the staff API as a demo person would: alerts raised by the scenario edges and
 the other homes, an alert that climbed the demo's ladder (level >= 1: nobody answered
-in 15 s), and one acknowledged by a scripted duty person. Then SIGINT, as Ctrl-C sends
-it, and every process of the demo's tree (collected before the signal), and the
-database cluster it started, must be gone.
+in 15 s), and one acknowledged by a scripted duty person. Then the console in Debian's
+Chromium with a demo login, until it shows live alerts (the screenshot the README
+uses). Then SIGINT, as Ctrl-C sends it, and every process of the demo's tree (collected
+before the signal), and the database cluster it started, must be gone.
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ from typing import Any
 
 import httpx
 import psutil
+from playwright.sync_api import sync_playwright
 from support import wait_for
 
 from gateway.demo_district import DEMO_PASSWORD
 from gateway.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOT = ROOT / "artifacts" / "demo-console.png"  # a copy: docs/screenshots/
 WATCHER = "bureau-chen"  # the bureau's user sees the whole district
+CHROMIUM_ARGS = [  # ../shared/notes/tooling.md: Debian's chromium, nothing fetched
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
 
 
 def login(api: str, user: str = WATCHER) -> dict[str, str] | None:
@@ -49,6 +56,26 @@ def alerts(api: str, headers: dict[str, str]) -> list[dict[str, Any]] | None:
         return None
     assert answer.status_code == 200, answer.text
     return list(answer.json()["items"])
+
+
+def console_screenshot(api: str, user: str = WATCHER) -> int:
+    """Log in to the demo's console in Chromium as a demo person, wait for live alerts on
+    it, take the screenshot; returns how many alert cards it shows."""
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+            page.goto(f"{api}/console/")
+            page.fill("#username", user)
+            page.fill("#password", DEMO_PASSWORD)
+            page.click("#login-submit")
+            page.wait_for_selector('body[data-feed="live"]', timeout=60_000)
+            page.locator(".alert-card").first.wait_for(timeout=90_000)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+            return page.locator(".alert-card").count()
+        finally:
+            browser.close()
 
 
 def demo_tree(demo: subprocess.Popen[bytes], state_dir: Path) -> list[psutil.Process]:
@@ -101,6 +128,9 @@ def test_demo_raises_escalates_and_acknowledges_and_sigint_leaves_no_process(
         assert f"http://127.0.0.1:{port}/console/" in printed
         for person in ("duty-xinhua-", "sup-xinhua", "street-huamu", WATCHER):
             assert person in printed, printed
+
+        # the console, as a newcomer opens it: live alerts from the scripted district
+        assert console_screenshot(api) >= 1
 
         tree = demo_tree(demo, state_dir)
         assert len(tree) >= 7, tree  # demo, server, four edges, broker, database
