@@ -283,5 +283,22 @@ async def test_the_console_resumes_from_its_position_renews_its_token_and_taps_o
         assert await page.get_attribute("body", "data-alarm") == "sounding"
         order = await page.eval_on_selector_all(".alert-card", "cs => cs.map(c => c.dataset.type)")
         assert order == ["fall", "sos"]
+
+        # The change log was pruned while the server was away: the page's position is
+        # unknown, the server says reset, and the page starts over from the list.
+        server.stop()
+        await page.wait_for_selector('body[data-feed="offline"]', timeout=10_000)
+        await asyncio.to_thread(rows, database, "DELETE FROM alert_changes RETURNING position")
+        await asyncio.to_thread(ingest, database, "site-a", "wb-1", "fall", "pulse",
+                                datetime.now(UTC))
+        assert await drain(database, datetime.now(UTC)) == 1
+        connections = len(auths)
+        server.start()
+        await asyncio.to_thread(server.wait_session)
+        await page.wait_for_selector('.alert-card[data-type="fall"][data-site="site-a"]',
+                                     timeout=30_000)  # fmt: skip
+        assert isinstance(auths[connections]["after"], int)
+        assert auths[-1]["after"] is None, auths[connections:]
+        assert await page.locator('.alert-card[data-type="fall"]').count() == 2
         await browser.close()
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()

@@ -11,7 +11,9 @@ const OUTCOMES = ["handled", "false_alarm", "sent_to_hospital", "cancelled_by_re
 const SEVERITY_RANK = { critical: 0, major: 1, minor: 2 };
 const RESOLVED_KEEP_MS = 10 * 60 * 1000; // a resolved card stays (dimmed) this long
 const LIST_PAGES = 10; // × 200 open alerts loaded at (re)connection from the start
-const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 15000];
+// Reconnect soon: a console that waits long after a server restart is an alarm not heard.
+// Capped at 5 s (200 consoles knocking every 5 s cost a server nothing); jittered.
+const BACKOFF_MS = [250, 500, 1000, 2000, 4000, 5000];
 
 const $ = (id) => document.getElementById(id);
 
@@ -227,7 +229,7 @@ function fillCard(card, entry) {
   const a = entry.view;
   card.root.className = `alert-card sev-${a.severity} st-${a.status}`;
   Object.assign(card.root.dataset, {
-    status: a.status, severity: a.severity, type: a.type,
+    status: a.status, severity: a.severity, type: a.type, site: a.site.id,
     deviceConfirmation: a.device_confirmation ?? "",
   });
   fill(card.head,
@@ -497,7 +499,10 @@ function startFeed() {
     if (!session) return;
     setFeedState("offline");
     // 4410: the server does not know our position; 4400: it refused it — reload the list
-    if (event.code === 4410 || event.code === 4400) feed.position = null;
+    if (event.code === 4410 || event.code === 4400) {
+      feed.position = null;
+      feed.attempt = 0; // the server is up: come back at once
+    }
     if (event.code === 4401) {
       // the token was refused: renew it (or sign out), then come back
       refreshToken().then(() => { if (session) scheduleReconnect(); });
