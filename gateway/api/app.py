@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
+from pydantic import BaseModel
 
 from gateway.api.live import LiveFeed
 from gateway.api.routes import (
@@ -40,6 +41,23 @@ ROUTERS = (auth.router, alerts.router, stats.router, feed.router, organisations.
            policies.router, telemetry.router, notify.router)
 
 
+class Problem(BaseModel):
+    """Every 4xx answer: a sentence, or FastAPI's list of what failed validation."""
+
+    detail: str | list[dict[str, Any]]
+
+
+# Declared for every operation, so /openapi.json describes every answer a client can get
+# (the schemathesis contract test holds the app to it).
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "description": what} for code, what in (
+        (400, "a value the API cannot take"), (401, "not logged in, or the token has ended"),
+        (403, "your role may read this but not change it"),
+        (404, "no such thing in your part of the tree"),
+        (409, "the item's state does not allow it"), (422, "the request is not valid"))
+}
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,6 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Alerts, residents, sites, devices and the live feed of an eldersafe "
         "district, scoped to the caller's part of the organisation tree.",
         lifespan=lifespan,
+        responses=PROBLEMS,
     )
     app.state.settings = settings
     for router in ROUTERS:

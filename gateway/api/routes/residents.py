@@ -67,8 +67,9 @@ class ResidentOut(BaseModel):
     lives_alone: bool
     inactivity_window_min: int
     timezone: str
-    night_start: time
-    night_end: time
+    # local wall-clock times in ``timezone`` (JSON Schema's "time" would want an offset)
+    night_start: str = Field(pattern=r"^\d{2}:\d{2}$")
+    night_end: str = Field(pattern=r"^\d{2}:\d{2}$")
     heart_rate_min: int | None
     heart_rate_max: int | None
     spo2_min: int | None
@@ -152,7 +153,8 @@ def resident_out(me: Principal, r: dict[str, Any]) -> ResidentOut:
         name=mask_name(name) if masked else name, initials=name[:1] if name else None,
         birth_year=r["birth_year"], phone=mask_phone(r["phone"]) if masked else r["phone"],
         lives_alone=r["lives_alone"], inactivity_window_min=r["inactivity_window_min"],
-        timezone=r["timezone"], night_start=r["night_start"], night_end=r["night_end"],
+        timezone=r["timezone"], night_start=f"{r['night_start']:%H:%M}",
+        night_end=f"{r['night_end']:%H:%M}",
         heart_rate_min=None if masked else r["heart_rate_min"],
         heart_rate_max=None if masked else r["heart_rate_max"],
         spo2_min=None if masked else r["spo2_min"],
