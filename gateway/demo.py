@@ -250,7 +250,7 @@ async def _live(dsn: str, broker_port: int, api_url: str, state_dir: Path,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tally = Tally()
-    staff = ScriptedStaff(api_url, DEMO_PASSWORD, on_shift(district, datetime.now(UTC)),
+    staff = ScriptedStaff(api_url, DEMO_PASSWORD, lambda at: on_shift(district, at),
                           supervisors(district))  # fmt: skip
     tasks = [asyncio.create_task(_scenario_loop(sc, broker_port, state_dir, tally, 2.0 * i),
                                  name=f"scenario {sc.name}")

@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -116,30 +117,52 @@ class StaffSession:
         return answer.status_code
 
 
+def _any(alert: dict[str, Any]) -> bool:
+    return True
+
+
+def _missed_long(alert: dict[str, Any]) -> bool:
+    """What a supervisor takes: missed long enough to have reached the street."""
+    return int(alert["level"]) >= SUPERVISOR_FROM_LEVEL
+
+
 @dataclass
 class ScriptedStaff:
-    """Duty people and supervisors, each polling their own open alerts."""
+    """Duty people on shift and supervisors, each polling their own open alerts.
+
+    ``on_duty`` names who is on shift at a moment (the district's shifts), asked every
+    round, so a demo left running past a change of shift hands over like a real one."""
 
     base_url: str
     password: str
-    duty: Sequence[str]
+    on_duty: Callable[[datetime], Sequence[str]]
     supervisors: Sequence[str]
     counts: StaffCounts = field(default_factory=StaffCounts)
     sleep: Callable[[float], Any] = asyncio.sleep
     _duty_took: set[str] = field(default_factory=set)
     _supervisor_took: set[str] = field(default_factory=set)
     _decided: int = 0
-    _misses_owed: int = 0
+    misses_owed: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def run(self) -> None:
-        """Until cancelled."""
+        """Until cancelled: a round of polls by everyone at work, every ``POLL_S``."""
         async with httpx.AsyncClient(base_url=self.base_url, timeout=30.0) as client:
-            people = [self._duty_loop(StaffSession(client, u, self.password)) for u in self.duty]
-            people += [self._supervisor_loop(StaffSession(client, u, self.password))
-                       for u in self.supervisors]  # fmt: skip
+            sessions: dict[str, StaffSession] = {}
+
+            def session(user: str) -> StaffSession:
+                return sessions.setdefault(user, StaffSession(client, user, self.password))
+
             try:
-                await asyncio.gather(*people)
+                while True:
+                    duty = self.on_duty(datetime.now(UTC))
+                    await asyncio.gather(
+                        *(self._poll(session(u), self._duty_took, _any, self._duty_handles)
+                          for u in duty),
+                        *(self._poll(session(u), self._supervisor_took, _missed_long,
+                                     self._supervisor_handles) for u in self.supervisors),
+                    )  # fmt: skip
+                    await self.sleep(POLL_S)
             finally:
                 for task in self._tasks:
                     task.cancel()
@@ -154,17 +177,15 @@ class ScriptedStaff:
                     take: Callable[[dict[str, Any]], bool],
                     handle: Callable[[StaffSession, dict[str, Any]], Any]) -> None:  # fmt: skip
         """Each alert is taken once per tier (``took``), however many polls list it."""
-        while True:
-            try:
-                for alert in await me.open_alerts():
-                    key = alert["id"]
-                    if key not in took and take(alert):
-                        took.add(key)
-                        self._spawn(self._guarded(handle(me, alert)))
-            except httpx.HTTPError as exc:  # the server restarting: try again next round
-                self.counts.errors += 1
-                log.warning("scripted staff %s: %s", me.username, exc)
-            await self.sleep(POLL_S)
+        try:
+            for alert in await me.open_alerts():
+                key = alert["id"]
+                if key not in took and take(alert):
+                    took.add(key)
+                    self._spawn(self._guarded(handle(me, alert)))
+        except httpx.HTTPError as exc:  # a slow or restarting server: try again next round
+            self.counts.errors += 1
+            log.warning("scripted staff %s: %s", me.username, exc)
 
     async def _guarded(self, coro: Any) -> None:
         try:
@@ -172,15 +193,6 @@ class ScriptedStaff:
         except httpx.HTTPError as exc:
             self.counts.errors += 1
             log.warning("scripted staff: %s", exc)
-
-    async def _duty_loop(self, me: StaffSession) -> None:
-        await self._poll(me, self._duty_took, lambda a: True, self._duty_handles)
-
-    async def _supervisor_loop(self, me: StaffSession) -> None:
-        # only what the duty person missed long enough to reach the street
-        await self._poll(me, self._supervisor_took,
-                         lambda a: int(a["level"]) >= SUPERVISOR_FROM_LEVEL,
-                         self._supervisor_handles)  # fmt: skip
 
     def _count(self, status: int, done: str) -> bool:
         if status == 409:
@@ -197,7 +209,7 @@ class ScriptedStaff:
         await self.sleep(plan.acknowledge_after_s)
         if (await me.alert(alert["id"]))["status"] != "open":
             return  # the resident cancelled, or it cleared: nothing to decide
-        if self._next_is_miss():
+        if self.next_is_miss():
             await self._miss(me, alert["id"])
             return
         if not self._count(await me.act(alert["id"], "acknowledge"), "acknowledged"):
@@ -210,10 +222,10 @@ class ScriptedStaff:
         self._count(await me.act(alert["id"], "resolve", {"outcome": plan.outcome,
                                                            "note": "脚本演示"}), "resolved")
 
-    def _next_is_miss(self) -> bool:
+    def next_is_miss(self) -> bool:
         self._decided += 1
-        if self._misses_owed:
-            self._misses_owed -= 1
+        if self.misses_owed:
+            self.misses_owed -= 1
             return True
         return self._decided % MISS_EVERY == 2
 
@@ -227,7 +239,7 @@ class ScriptedStaff:
             if int(now["level"]) >= 1:
                 return
             if now["status"] != "open":
-                self._misses_owed += 1
+                self.misses_owed += 1
                 return
 
     async def _supervisor_handles(self, me: StaffSession, alert: dict[str, Any]) -> None:

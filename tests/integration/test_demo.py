@@ -13,19 +13,35 @@ before the signal), and the database cluster it started, must be gone.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
+import psycopg
 from playwright.sync_api import sync_playwright
 from support import wait_for
 
-from gateway.demo_district import DEMO_PASSWORD
+from alerting.model import AlertType, Severity
+from alerting.policy import PolicyBook
+from gateway.alerts.directory import load_policy_book
+from gateway.alerts.district import District, import_district
+from gateway.demo_district import (
+    CARE_UNITS,
+    DEMO_PASSWORD,
+    HOMES,
+    LADDER_S,
+    demo_district,
+    on_shift,
+)
+from gateway.demo_staff import ScriptedStaff
 from gateway.local.ports import free_port
+from simulators.scenario import all_scenarios, load_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "artifacts" / "demo-console.png"  # a copy: docs/screenshots/
@@ -38,7 +54,7 @@ CHROMIUM_ARGS = [  # ../shared/notes/tooling.md: Debian's chromium, nothing fetc
 
 def login(api: str, user: str = WATCHER) -> dict[str, str] | None:
     try:
-        answer = httpx.post(f"{api}/api/auth/login", timeout=5,
+        answer = httpx.post(f"{api}/api/auth/login", timeout=30,
                             json={"username": user, "password": DEMO_PASSWORD})  # fmt: skip
     except httpx.HTTPError:
         return None
@@ -102,11 +118,16 @@ def test_demo_raises_escalates_and_acknowledges_and_sigint_leaves_no_process(
         )  # fmt: skip
     api = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: demo.poll() is not None or login(api) is not None, 180,
-                 "the demo's API to take a demo login")  # fmt: skip
+        signed_in: list[dict[str, str]] = []
+
+        def up_and_signed_in() -> bool:
+            headers = login(api)
+            signed_in.extend([headers] if headers else [])
+            return demo.poll() is not None or headers is not None
+
+        wait_for(up_and_signed_in, 180, "the demo's API to take a demo login")
         assert demo.poll() is None, out_path.read_text(errors="replace")
-        headers = login(api)
-        assert headers is not None
+        headers = signed_in[-1]
         seen: list[dict[str, Any]] = []
 
         def raised_escalated_acknowledged() -> bool:
@@ -146,3 +167,65 @@ def test_demo_raises_escalates_and_acknowledges_and_sigint_leaves_no_process(
             except subprocess.TimeoutExpired:
                 demo.kill()
                 demo.wait()
+
+
+# ------------------------------------------------------- the district and the staff's script
+
+
+def district() -> District:
+    return demo_district([load_scenario(n) for n in all_scenarios()])
+
+
+def test_one_duty_person_is_on_shift_at_every_station_and_the_care_home_all_week() -> None:
+    d = district()
+    unit_of = {s.id: s.organisation for s in d.staff}
+    start = datetime.now(UTC)
+    for step in range(0, 6 * 24 * 3, 1):  # every 20 minutes for six days
+        at = start + timedelta(minutes=20 * step)
+        on = on_shift(d, at)
+        assert sorted(unit_of[s] for s in on) == sorted(CARE_UNITS), (at, on)
+
+
+def test_the_district_has_its_homes_devices_and_people_and_no_name_in_a_site_name() -> None:
+    d = district()
+    kinds = [o.kind for o in d.organisations]
+    assert (kinds.count("bureau"), kinds.count("street"), kinds.count("station"),
+            kinds.count("institution")) == (1, 2, 4, 1)  # fmt: skip
+    homes = {s.id for s in d.sites if s.kind == "home"}
+    assert len(homes) == HOMES
+    profiles_at: dict[str, set[str]] = {}
+    for dev in d.devices:
+        profiles_at.setdefault(dev.site, set()).add(dev.profile)
+    assert all({"es-wb1", "es-cb1"} <= profiles_at[h] for h in homes - {"home-zhao", "home-li"})
+    assert sum("es-sd1" in p for p in profiles_at.values()) >= 10
+    assert sum("es-ef1" in p for p in profiles_at.values()) >= 10
+    assert all(r.family for r in d.residents)
+    names = {r.name for r in d.residents} | {f.name for r in d.residents for f in r.family}
+    assert not [s.name for s in d.sites if any(n in s.name for n in names)]
+    for sc in (load_scenario(n) for n in all_scenarios()):  # the edges' devices are registered
+        registered = {dev.id for dev in d.devices if dev.site == sc.site}
+        assert {dev.id for dev in sc.devices} <= registered
+
+
+def test_the_demo_ladder_replaces_every_default_smoke_included(database: str) -> None:
+    import_district(database, district())
+
+    async def book() -> PolicyBook:
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            return await load_policy_book(conn)
+
+    policies = asyncio.run(book())
+    path = ["inst-anyang", "street-huamu", "bureau-donghu"]
+    for alert_type, severity in ((AlertType.SMOKE, Severity.CRITICAL),
+                                 (AlertType.FALL, Severity.CRITICAL),
+                                 (AlertType.ELECTRICAL, Severity.MAJOR)):  # fmt: skip
+        ladder = policies.resolve(path, alert_type, severity).levels
+        assert [lv.after.total_seconds() for lv in ladder] == list(LADDER_S)
+
+
+def test_scripted_duty_misses_the_second_of_every_four_and_passes_on_a_cancelled_miss() -> None:
+    staff = ScriptedStaff("http://unused", DEMO_PASSWORD, lambda at: [], [])
+    assert [staff.next_is_miss() for _ in range(10)] == [
+        False, True, False, False, False, True, False, False, False, True]  # fmt: skip
+    staff.misses_owed += 1  # the missed alert was cancelled by the resident before escalating
+    assert [staff.next_is_miss() for _ in range(4)] == [True, False, False, True]
