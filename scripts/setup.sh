@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -o DPkg::Lock::Timeout=600)
 
-# chromium: the console's browser tests (driven by Playwright with Debian's build);
+# chromium: the console's browser tests (driven by Playwright with Debian's build), with
+# fonts-wqy-microhei so that its screenshots show Chinese, not boxes;
 # prometheus: the scrape test; docker-compose: validates docker-compose.yml offline.
 PACKAGES=(mosquitto mosquitto-clients postgresql-15 postgresql-client-15 socat
-          chromium prometheus docker-compose)
+          chromium fonts-wqy-microhei prometheus docker-compose)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
