@@ -35,6 +35,7 @@ from gateway.alerts.vitals import vitals_sweep
 log = logging.getLogger(__name__)
 
 ClockSource = Literal["system", "database"]
+SWEEP_DEFER_S = 0.5
 
 
 async def engine_now(conn: psycopg.AsyncConnection[Any], source: ClockSource) -> datetime:
@@ -132,14 +133,21 @@ class EngineWorkers:
             ) as work,
         ):
             await listen.execute("LISTEN engine_timers")
+            swept = time.monotonic()
             while True:
                 now = await engine_now(work, self.clock)
                 # Claims grow when behind: a step's writes are set-based, so a larger
                 # batch amortises the claim and the commit instead of adding statements.
                 out = await timers_tick(work, now, self.batch * 4, self.name)
-                await inactivity_sweep(work, now, self.batch, self.name)
-                vitals = await vitals_sweep(work, now, self.batch * 4, self.name)
                 _count(out)
+                # While steps are firing, the sweeps (welfare checks every few minutes,
+                # vital signs every 30 s) wait up to SWEEP_DEFER_S so that the next
+                # escalation deadline is not served late behind them.
+                vitals = Outcome()
+                if not out.steps or time.monotonic() - swept >= SWEEP_DEFER_S:
+                    await inactivity_sweep(work, now, self.batch, self.name)
+                    vitals = await vitals_sweep(work, now, self.batch * 4, self.name)
+                    swept = time.monotonic()
                 if len(out.alerts) >= self.batch * 4 or vitals.events >= self.batch * 4:
                     continue  # more due now: a district's wristbands outnumber one batch
                 await _wait(listen, await self._until_next(work, now))
