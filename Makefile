@@ -7,8 +7,9 @@ VENV := .venv/bin
 setup:
 	bash scripts/setup.sh
 
+# Runs until Ctrl-C; e.g. `make demo DEMO_ARGS="--seconds 120 --api-port 8080"`.
 demo: setup
-	$(VENV)/eldersafe demo
+	$(VENV)/eldersafe demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/ruff check .
@@ -23,6 +24,7 @@ bench: setup
 	$(VENV)/python bench/edge.py
 	$(VENV)/python bench/escalation.py
 	$(VENV)/python bench/alert_latency.py
+	$(VENV)/python bench/api.py
 
 # Regenerate grafana/dashboards/*.json from grafana/generate.py (a test fails on drift).
 dashboards: setup

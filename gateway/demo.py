@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,13 +149,14 @@ class Tally:
     open: int = 0
     home_events: int = 0
     home_event_failures: int = 0
+    edge_restarts: int = 0
     rounds: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         return (f"alerts raised {self.raised} · acknowledged {self.acknowledged} · "
-                f"escalated {self.escalated} · resolved {self.resolved} · open now {self.open}"
-                f"  | scenario rounds {sum(self.rounds.values())},"
-                f" home events {self.home_events}")  # fmt: skip
+                f"escalated {self.escalated} · resolved {self.resolved} · open {self.open}"
+                f" | scenario rounds {sum(self.rounds.values())} · home events"
+                f" {self.home_events}")  # fmt: skip
 
 
 async def _quiet(site: SimulatedSite) -> None:
@@ -174,19 +176,29 @@ async def _quiet(site: SimulatedSite) -> None:
 
 async def _scenario_loop(sc: Scenario, port: int, state_dir: Path, tally: Tally,
                          start_after_s: float) -> None:  # fmt: skip
+    """Rounds of one scenario with its simulators and edge; an edge that does not come up
+    or exits is said so on screen and started again (the rest of the demo goes on)."""
     await asyncio.sleep(start_after_s)  # staggered: four edges starting at once crowd 2 cores
     login = BrokerLogin("127.0.0.1", port, sc.gateway, DEMO_GATEWAY_PASSWORD)
     work = state_dir / "sim" / sc.name
-    async with simulation(sc, login, work, log_path=state_dir / f"edge-{sc.site}.log") as sim:
-        await sim.wait_ready(90)
-        _say(f"edge for {sc.site} ready — {sc.title}")
-        rounds = random.Random(sc.name)
-        while True:
-            await sim.play()
-            tally.rounds[sc.name] = tally.rounds.get(sc.name, 0) + 1
-            await asyncio.sleep(sc.duration_s - max((s.at for s in sc.steps), default=0))
-            await _quiet(sim.site)
-            await asyncio.sleep(rounds.uniform(*ROUND_PAUSE_S))
+    rounds = random.Random(sc.name)
+    while True:
+        try:
+            async with simulation(sc, login, work,
+                                  log_path=state_dir / f"edge-{sc.site}.log") as sim:  # fmt: skip
+                await sim.wait_ready(90)
+                _say(f"edge for {sc.site} ready — {sc.title}")
+                while sim.edge.returncode is None:
+                    await sim.play()
+                    tally.rounds[sc.name] = tally.rounds.get(sc.name, 0) + 1
+                    await asyncio.sleep(sc.duration_s - max((s.at for s in sc.steps), default=0))
+                    await _quiet(sim.site)
+                    await asyncio.sleep(rounds.uniform(*ROUND_PAUSE_S))
+                raise RuntimeError(f"the edge exited with {sim.edge.returncode}")
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            tally.edge_restarts += 1
+            _say(f"edge for {sc.site}: {exc}; starting it again (its log: edge-{sc.site}.log)")
+            await asyncio.sleep(5.0)
 
 
 _HOME_EVENTS = (  # (device prefix, profile, event type): presses outnumber falls
@@ -234,8 +246,9 @@ async def _status(dsn: str, tally: Tally) -> None:
             row = await (await conn.execute(_COUNTS)).fetchone()
             assert row is not None
             tally.raised, tally.acknowledged, tally.escalated, tally.resolved, tally.open = row
-            if tty:
-                print(f"\r{tally.line()}   ", end="", flush=True)
+            if tty:  # one line, cut to the terminal's width so that \r can rewrite it
+                width = shutil.get_terminal_size().columns - 1
+                print(f"\r\033[K{tally.line()[:width]}", end="", flush=True)
             elif time.monotonic() - last_print >= 10:  # a log file gets a line now and then
                 last_print = time.monotonic()
                 print(tally.line(), flush=True)
