@@ -25,6 +25,7 @@ bench: setup
 	$(VENV)/python bench/escalation.py
 	$(VENV)/python bench/alert_latency.py
 	$(VENV)/python bench/api.py
+	$(VENV)/python bench/api.py
 
 # Regenerate grafana/dashboards/*.json from grafana/generate.py (a test fails on drift).
 dashboards: setup

@@ -75,7 +75,7 @@ ORDER BY xid DESC, position DESC LIMIT 1
 # Committed changes the feed may not show yet: an older transaction is still running.
 # When it ends nothing may notify (it need not have touched the log), so the reader
 # looks again shortly while such rows exist.
-_WAITING = """
+HELD_BACK = """
 SELECT EXISTS (SELECT 1 FROM alert_changes WHERE xid >= pg_snapshot_xmin(pg_current_snapshot()))
 """
 _ORDER_KEYS = "SELECT position, xid::text::numeric FROM alert_changes WHERE position = ANY(%s)"
@@ -251,7 +251,7 @@ class LiveFeed:
                     self.passes += 1
                     if waker.done():
                         waker.result()  # the LISTEN connection broke: reconnect both
-                    waiting = (await (await conn.execute(_WAITING)).fetchone() or (False,))[0]
+                    waiting = (await (await conn.execute(HELD_BACK)).fetchone() or (False,))[0]
                     pause = (self.timings.horizon_poll_s if waiting
                              else self.timings.fallback_poll_s)  # fmt: skip
                     with contextlib.suppress(TimeoutError):
