@@ -25,7 +25,6 @@ bench: setup
 	$(VENV)/python bench/escalation.py
 	$(VENV)/python bench/alert_latency.py
 	$(VENV)/python bench/api.py
-	$(VENV)/python bench/api.py
 
 # Regenerate grafana/dashboards/*.json from grafana/generate.py (a test fails on drift).
 dashboards: setup
