@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import uvicorn
 from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
@@ -87,6 +88,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each offending input; one holding a lone surrogate
+        # cannot be encoded as UTF-8 and the answer became a 500. Where and why suffice.
+        def text(value: object) -> str:
+            return str(value).encode("utf-8", "replace").decode()
+
+        errors = [{"loc": [text(p) for p in e.get("loc", ())], "msg": text(e.get("msg", "")),
+                   "type": text(e.get("type", ""))} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, 422)
 
     @app.exception_handler(psycopg.errors.DataError)
     async def _bad_value(request: Request, exc: psycopg.errors.DataError) -> JSONResponse:

@@ -317,3 +317,32 @@ async def test_cli_sets_a_password_and_adds_an_api_key_shown_once(database: str)
         unknown_org = _cli(database, "api-key-add", "--id", "x", "--org", "nowhere",
                            "--role", "duty")
         assert unknown_org.returncode == 1 and "refused" in unknown_org.stderr
+
+
+async def test_hostile_input_is_a_4xx_never_a_500(database: str) -> None:
+    """JSON may carry a lone surrogate, which no UTF-8 answer can echo; huge, early and
+    late values; ids beyond bigint. Each is a 4xx with a reason."""
+    seed_tenants(database)
+    async with api_client(database) as api:
+        admin = await login(api, "admin") | {"Content-Type": "application/json"}
+        for path, body in (
+            ("/api/sites", '{"id": "x1", "organisation_id": "station-a", "name": "\\ud800"}'),
+            ("/api/residents", '{"site_id": "site-a", "name": "a", "timezone": "\\ud800"}'),
+            ("/api/residents", '{"site_id": "site-a", "name": "a", "birth_year": 1e400}'),
+            ("/api/devices/site-a/wb-a/commands",
+             '{"action": "locate", "alert_id": "00000000-0000-0000-0000-000000000000",'
+             ' "args": {"n": 99999999999999999999999}}'),
+        ):
+            answer = await api.post(path, content=body, headers=admin)
+            assert 400 <= answer.status_code < 500, (path, answer.text)
+        for params in ({"until": "0001-01-01T00:00:00Z"},
+                       {"until": "9999-12-31T23:59:59-23:59", "bucket": "86400"},
+                       {"since": "2026-01-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}):
+            answer = await api.get("/api/telemetry", headers=admin,
+                                   params={"site": "site-a", "device": "wb-a"} | params)
+            assert answer.status_code in (200, 422), (params, answer.text)
+        for path in ("/api/residents/99999999999999999999", "/api/shifts/0",
+                     "/api/residents?cursor=MjAyNi0wMS0wMVQwMDowMDowMCswMDowMHw5OTk5OTk5OTk5"
+                     "OTk5OTk5OTk5OTk5"):
+            answer = await api.get(path, headers=admin)
+            assert 400 <= answer.status_code < 500, (path, answer.text)
