@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg
+from fastapi import HTTPException, status
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from gateway.alerts.vitals import VITAL_METRICS, VITAL_PROFILES
 from gateway.api.principal import Principal
+from gateway.api.views import escalated_to
 
 LOCATION_METRICS: frozenset[str] = frozenset({"latitude", "longitude", "altitude_m",
                                               "location_accuracy_m", "floor"})
@@ -62,3 +65,33 @@ async def resident_of_device(
 ) -> int | None:
     row = await (await conn.execute(RESIDENTS_OF_DEVICE, (site_id, device_id))).fetchone()
     return int(row[0]) if row and row[0] is not None else None
+
+
+_SERVED = """
+SELECT a.id, a.site_id, a.level, a.status,
+       (SELECT array_agg(DISTINCT n.role) FROM notifications n WHERE n.alert_id = a.id) AS roles
+FROM alerts a JOIN sites s ON s.id = a.site_id
+WHERE a.id = %s AND s.organisation_id = ANY(%s)
+"""
+
+
+async def served_alert(
+    conn: psycopg.AsyncConnection[Any], me: Principal, alert_id: uuid.UUID,
+    site_id: str | None = None,
+) -> dict[str, Any]:
+    """The alert a read (or a command) says it serves: one of the caller's units, of
+    ``site_id`` when given; 404 otherwise, like any other alert of someone else's."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_SERVED, (alert_id, me.unit_list))
+        row = await cur.fetchone()
+    if row is None or (site_id is not None and row["site_id"] != site_id):
+        where = f" at site {site_id}" if site_id is not None else ""
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert_id}{where}")
+    return row
+
+
+def shown_in_full(me: Principal, served: dict[str, Any] | None) -> bool:
+    """Sensitive values are shown to the responsible unit, and above it only for an alert
+    that has escalated to the caller (views.py's rule)."""
+    return not me.above_units() or (
+        served is not None and escalated_to(me, served["level"], served["roles"]))

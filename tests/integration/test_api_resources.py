@@ -280,9 +280,16 @@ async def test_the_providers_ack_code_confirms_and_acknowledges(database: str) -
         unknown = await api.post("/api/notify/ack-code", headers=provider,
                                  json={"notification": str(uuid.uuid4()), "digits": "1"})
         assert unknown.status_code == 404
-        right = await api.post("/api/notify/ack-code", headers=provider, json=body)
+        retried = {**provider, "Idempotency-Key": "call-7/dtmf-1"}
+        right = await api.post("/api/notify/ack-code", headers=retried, json=body)
         assert right.json() == {"confirmed": True, "acknowledged": True}
+        again = await api.post("/api/notify/ack-code", headers=retried, json=body)
+        assert again.json() == right.json()  # the provider's retry: the first answer
     assert scalar(database, "SELECT acknowledged_by FROM alerts") == "staff:duty-a"
+    # the wrong code, the right one, the acknowledgement it made: the retry added nothing
+    assert rows(database, "SELECT action, detail->>'confirmed' FROM alert_audit WHERE actor ="
+                          " 'staff:duty-a' ORDER BY seq") == [
+        ("noted", "false"), ("noted", "true"), ("acknowledged", None)]
 
 
 def _cli(dsn: str, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:

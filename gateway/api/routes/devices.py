@@ -37,10 +37,15 @@ from gateway.api.deps import Conn, CurrentUser, Manager, Now
 from gateway.api.idempotency import IdempotencyKey, once
 from gateway.api.pagination import decode_cursor, encode_cursor
 from gateway.api.principal import Principal
-from gateway.api.privacy import is_sensitive, record_read, resident_of_device
+from gateway.api.privacy import (
+    is_sensitive,
+    record_read,
+    resident_of_device,
+    served_alert,
+    shown_in_full,
+)
 from gateway.api.routes.organisations import Text, units_under
 from gateway.api.routes.sites import site_not_found
-from gateway.api.views import escalated_to
 from gateway.contract.payloads import CommandAction, CommandPayload, DataKey, Scalar
 
 router = APIRouter(prefix="/api/devices", tags=["devices"])
@@ -62,12 +67,6 @@ _LAST_READINGS = """
 SELECT DISTINCT ON (metric) metric, value, unit, time FROM telemetry
 WHERE site_id = %s AND device_id = %s AND time > now() - interval '30 days'
 ORDER BY metric, time DESC
-"""
-_ALERT = """
-SELECT a.id, a.site_id, a.level, a.status,
-       (SELECT array_agg(DISTINCT n.role) FROM notifications n WHERE n.alert_id = a.id) AS roles
-FROM alerts a JOIN sites s ON s.id = a.site_id
-WHERE a.id = %s AND s.organisation_id = ANY(%s)
 """
 _COMMAND = """
 SELECT o.command_id, o.alert_id, o.action, o.args, o.created_at, o.published_at, o.attempts,
@@ -176,18 +175,6 @@ async def device_row(
         row = await cur.fetchone()
     if row is None:
         raise device_not_found(site_id, device_id)
-    return row
-
-
-async def scoped_alert(
-    conn: psycopg.AsyncConnection[Any], me: Principal, alert_id: uuid.UUID
-) -> dict[str, Any]:
-    """An alert of the caller's units (404 like any other alert of someone else's)."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(_ALERT, (alert_id, me.unit_list))
-        row = await cur.fetchone()
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert_id}")
     return row
 
 
@@ -311,11 +298,8 @@ async def last_readings(
     """The newest reading of each metric (last 30 days). Health and position readings
     are recorded as sensitive reads, with the alert they serve."""
     device = await device_row(conn, me, site_id, device_id)
-    served = await scoped_alert(conn, me, alert) if alert is not None else None
-    if served is not None and served["site_id"] != site_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert} at site {site_id}")
-    open_to_me = not me.above_units() or (
-        served is not None and escalated_to(me, served["level"], served["roles"]))
+    served = await served_alert(conn, me, alert, site_id) if alert is not None else None
+    open_to_me = shown_in_full(me, served)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(_LAST_READINGS, (site_id, device_id))
         rows = await cur.fetchall()
@@ -367,10 +351,7 @@ async def send_command(
     """Queue a command for the device; its result shows in GET …/commands/{id} and in the
     alert's timeline once the edge answers."""
     device = await device_row(conn, me, site_id, device_id)
-    served = await scoped_alert(conn, me, body.alert_id)
-    if served["site_id"] != site_id:
-        raise HTTPException(status.HTTP_404_NOT_FOUND,
-                            f"no alert {body.alert_id} at site {site_id}")
+    served = await served_alert(conn, me, body.alert_id, site_id)
     if served["status"] == "resolved":
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"alert {body.alert_id} is resolved; commands serve open alerts")

@@ -10,21 +10,22 @@ hears "help is coming") — what the spoken text asks them to confirm.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 
 from alerting.lifecycle import IllegalTransition, acknowledge
 from alerting.model import Channel
 from gateway.alerts.unit_of_work import command
 from gateway.api.deps import Conn, CurrentUser, Now
+from gateway.api.idempotency import IdempotencyKey, once
 from gateway.notify.outbox import confirm_by_code
 
 router = APIRouter(prefix="/api/notify", tags=["notify"])
 
 _NOTICE = """
-SELECT n.alert_id, n.person_id, n.channel, a.status FROM notifications n
+SELECT n.alert_id, n.person_id, n.channel FROM notifications n
 JOIN alerts a ON a.id = n.alert_id JOIN sites s ON s.id = a.site_id
 WHERE n.key = %s AND s.organisation_id = ANY(%s)
 """
@@ -44,24 +45,31 @@ class AckCodeAnswer(BaseModel):
 @router.post("/ack-code", response_model=AckCodeAnswer,
              responses={403: {"description": "for an integration's API key only"},
                         404: {"description": "no such notice in the key's units"}})
-async def ack_code(body: AckCodeBody, conn: Conn, me: CurrentUser, now: Now) -> AckCodeAnswer:
-    """``confirmed: false`` for a wrong code (the provider may ask again)."""
+async def ack_code(body: AckCodeBody, conn: Conn, me: CurrentUser, now: Now, request: Request,
+                   key: IdempotencyKey = None) -> Any:
+    """``confirmed: false`` for a wrong code (the provider may ask again). The confirmation
+    and the acknowledgement commit together; a provider retrying its callback with the
+    same Idempotency-Key gets the first answer again."""
     if not me.via_api_key:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "the provider's callback takes an API key")
     row = await (await conn.execute(_NOTICE, (body.notification, me.unit_list))).fetchone()
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no notice {body.notification}")
-    alert_id, person_id, channel, alert_status = row
-    if not await confirm_by_code(conn, body.notification, body.digits, now,
-                                 worker=f"api:{me.actor}"):
-        return AckCodeAnswer(confirmed=False, acknowledged=False)
-    acknowledged = False
-    if person_id.startswith("staff:") and alert_status == "open":
-        via = Channel(channel)
-        try:
-            await command(conn, alert_id, lambda a: acknowledge(person_id, via), now,
-                          worker=f"api:{me.actor}")
-            acknowledged = True
-        except IllegalTransition:
-            pass  # someone acknowledged meanwhile: the notice is confirmed all the same
-    return AckCodeAnswer(confirmed=True, acknowledged=acknowledged)
+    alert_id, person_id, channel = row
+
+    async def run() -> AckCodeAnswer:
+        async with conn.transaction():
+            if not await confirm_by_code(conn, body.notification, body.digits, now,
+                                         worker=f"api:{me.actor}"):
+                return AckCodeAnswer(confirmed=False, acknowledged=False)
+            if not person_id.startswith("staff:"):
+                return AckCodeAnswer(confirmed=True, acknowledged=False)
+            try:
+                await command(conn, alert_id, lambda a: acknowledge(person_id, Channel(channel)),
+                              now, worker=f"api:{me.actor}")
+            except IllegalTransition:
+                # acknowledged already (or past it): the notice is confirmed all the same
+                return AckCodeAnswer(confirmed=True, acknowledged=False)
+        return AckCodeAnswer(confirmed=True, acknowledged=True)
+
+    return await once(conn, me, key, "POST", request.url.path, run)

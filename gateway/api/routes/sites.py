@@ -7,6 +7,7 @@ are not shown. Coordinates are a location (PIPL art. 28): reading them is record
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, Field
 from gateway.api.deps import Conn, CurrentUser, Manager
 from gateway.api.pagination import decode_cursor, encode_cursor
 from gateway.api.principal import Principal, mask_address, mask_name
-from gateway.api.privacy import record_read
+from gateway.api.privacy import record_read, served_alert, shown_in_full
 from gateway.api.routes.organisations import Ident, Name, Text, org_not_found, units_under
 
 router = APIRouter(prefix="/api/sites", tags=["sites"])
@@ -80,8 +81,9 @@ def site_not_found(site_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"no site {site_id}")
 
 
-def site_out(me: Principal, r: dict[str, Any], with_location: bool) -> SiteOut:
-    masked = me.above_units()
+def site_out(me: Principal, r: dict[str, Any], with_location: bool,
+             masked: bool | None = None) -> SiteOut:
+    masked = me.above_units() if masked is None else masked
     shown = with_location and not masked
     return SiteOut(
         id=r["id"], organisation_id=r["organisation_id"], kind=r["kind"],
@@ -133,33 +135,16 @@ async def get_site(
     site_id: SiteId,
     conn: Conn,
     me: CurrentUser,
-    alert: Annotated[str | None, Query(max_length=64, description="the alert this read serves")]
-    = None,
+    alert: Annotated[uuid.UUID | None, Query(description="the alert this read serves")] = None,
 ) -> SiteOut:
     """One site; its coordinates (a location) are recorded as a sensitive read."""
     row = await site_row(conn, me, site_id)
-    out = site_out(me, row, True)
+    served = await served_alert(conn, me, alert, site_id) if alert is not None else None
+    out = site_out(me, row, True, masked=not shown_in_full(me, served))
     if out.latitude is not None or out.longitude is not None:
-        await record_read(conn, me, "site_location", site_id=site_id,
-                          alert_id=await alert_in_scope(conn, me, alert),
+        await record_read(conn, me, "site_location", site_id=site_id, alert_id=alert,
                           detail={"fields": ["latitude", "longitude"]})
     return out
-
-
-async def alert_in_scope(
-    conn: psycopg.AsyncConnection[Any], me: Principal, alert: str | None
-) -> Any:
-    """The ``?alert=`` a sensitive read says it serves: an alert of the caller's units
-    (404 otherwise, like any other alert of someone else's)."""
-    if alert is None:
-        return None
-    cur = await conn.execute(
-        "SELECT a.id FROM alerts a JOIN sites s ON s.id = a.site_id"
-        " WHERE a.id::text = %s AND s.organisation_id = ANY(%s)", (alert.lower(), me.unit_list))
-    row = await cur.fetchone()
-    if row is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert}")
-    return row[0]
 
 
 @router.post("", response_model=SiteOut, status_code=status.HTTP_201_CREATED,

@@ -13,14 +13,19 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query
 from psycopg.rows import dict_row
 from pydantic import AwareDatetime, BaseModel
 
 from gateway.api.deps import Conn, CurrentUser, Now
-from gateway.api.privacy import is_sensitive, record_read, resident_of_device
-from gateway.api.routes.devices import device_row, scoped_alert
-from gateway.api.views import escalated_to
+from gateway.api.privacy import (
+    is_sensitive,
+    record_read,
+    resident_of_device,
+    served_alert,
+    shown_in_full,
+)
+from gateway.api.routes.devices import device_row
 
 router = APIRouter(prefix="/api/telemetry", tags=["telemetry"])
 
@@ -90,11 +95,8 @@ async def query_telemetry(
         raise HTTPException(422, f"more than {MAX_POINTS} buckets: widen the bucket or "
                                  "narrow the range")
     row = await device_row(conn, me, site, device)
-    served = await scoped_alert(conn, me, alert) if alert is not None else None
-    if served is not None and served["site_id"] != site:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no alert {alert} at site {site}")
-    open_to_me = not me.above_units() or (
-        served is not None and escalated_to(me, served["level"], served["roles"]))
+    served = await served_alert(conn, me, alert, site) if alert is not None else None
+    open_to_me = shown_in_full(me, served)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(_QUERY, {"bucket": bucket, "site": site, "device": device,
                                    "since": since, "until": until, "metric": metric,
