@@ -17,6 +17,7 @@ from support import scalar
 from test_alert_engine import drain, rows
 
 from gateway.alerts.directory import load_policy_book
+from gateway.alerts.downlink import record_result
 from gateway.api.security import api_key_digest, new_api_key
 
 
@@ -171,9 +172,16 @@ async def test_a_command_is_queued_for_the_downlink_and_its_result_shown(databas
                          " 'executed', 'ble', %s, %s)", (command_id, alert_id, T0))
         shown = (await api.get(f"{path}/{command_id}", headers=duty)).json()
         assert shown["result"]["outcome"] == "executed"
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            assert await record_result(conn, T0, "test")  # the server's result recorder
         timeline = (await api.get(f"/api/alerts/{alert_id}", headers=duty)).json()["timeline"]
         notes = [e for e in timeline if e["action"] == "noted" and e["actor"] == "staff:duty-a"]
         assert len(notes) == 1 and command_id in notes[0]["detail"]["note"]
+        # who sent it, then the device's answer, in the alert's own audit chain
+        answer = [e for e in timeline if e["detail"].get("command_id") == command_id]
+        assert [(e["actor"], e["action"]) for e in answer] == [("device:site-a/wb-a",
+                                                                "notified")]
+        assert answer[0]["seq"] > notes[0]["seq"]
 
 
 async def test_staff_passwords_end_old_tokens_and_who_is_on_duty(database: str) -> None:
