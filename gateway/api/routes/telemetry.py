@@ -65,6 +65,8 @@ class TelemetryAnswer(BaseModel):
     until: datetime
     bucket_s: int
     series: list[Series]
+    # more buckets than one answer holds (several metrics): ask per metric for the rest
+    truncated: bool
 
 
 @router.get("", response_model=TelemetryAnswer,
@@ -119,4 +121,4 @@ async def query_telemetry(
                           detail={"device": device, "metrics": shown, "since": since.isoformat(),
                                   "until": until.isoformat(), "bucket_s": bucket})
     return TelemetryAnswer(site=site, device=device, since=since, until=until, bucket_s=bucket,
-                           series=list(series.values()))
+                           series=list(series.values()), truncated=len(rows) >= MAX_POINTS)
