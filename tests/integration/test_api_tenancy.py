@@ -11,7 +11,7 @@ import httpx
 import psycopg
 from api_support import T0, api_client, login, raise_event, seed_tenants
 from support import scalar
-from test_alert_engine import drain
+from test_alert_engine import drain, rows
 
 from gateway.alerts.unit_of_work import timers_tick
 
@@ -112,27 +112,34 @@ async def test_the_bureau_sees_masked_names_until_the_alert_escalates_to_it(
     await drain(database, T0)
     alert_id = scalar(database, "SELECT id::text FROM alerts")
 
-    async def bureau_view(api: httpx.AsyncClient, at_minutes: int) -> tuple[str, float | None]:
+    with psycopg.connect(database) as conn:
+        conn.execute("UPDATE sites SET latitude = 31.2, longitude = 121.4 WHERE id = 'site-a'")
+
+    async def bureau_view(api: httpx.AsyncClient,
+                          at_minutes: int) -> tuple[str, float | None, float | None]:
         bureau = await login(api, "bureau-1")
+        served = {"alert": alert_id}
         alert = (await api.get(f"/api/alerts/{alert_id}", headers=bureau)).json()
         readings = (await api.get("/api/devices/site-a/wb-a/readings", headers=bureau,
-                                  params={"alert": alert_id})).json()
-        return alert["resident"]["name"], readings[0]["value"]
+                                  params=served)).json()
+        site = (await api.get("/api/sites/site-a", headers=bureau, params=served)).json()
+        return alert["resident"]["name"], readings[0]["value"], site["latitude"]
 
     async with api_client(database) as api:
-        assert await bureau_view(api, 0) == ("王**", None)
+        assert await bureau_view(api, 0) == ("王**", None, None)
         # the ladder climbs: supervisor at 60 s, street at 3 min — still masked for the bureau
         for minutes in (1, 3):
             await _tick(database, T0 + timedelta(minutes=minutes))
-            assert await bureau_view(api, minutes) == ("王**", None)
+            assert await bureau_view(api, minutes) == ("王**", None, None)
         await _tick(database, T0 + timedelta(minutes=5))  # the bureau's rung
-        assert await bureau_view(api, 5) == ("王秀英", 72.0)
+        assert await bureau_view(api, 5) == ("王秀英", 72.0, 31.2)
         # what it did not serve an escalated alert for stays masked
         bureau = await login(api, "bureau-1")
         resident = (await api.get("/api/residents", headers=bureau)).json()["items"]
         assert all(r["masked"] for r in resident)
-    assert scalar(database, "SELECT count(*) FROM sensitive_reads WHERE actor = 'staff:bureau-1'"
-                            " AND alert_id = %s", (alert_id,)) == 1
+    assert sorted(r[0] for r in rows(
+        database, "SELECT what FROM sensitive_reads WHERE actor = 'staff:bureau-1'"
+                  " AND alert_id = %s", (alert_id,))) == ["last_readings", "site_location"]
 
 
 async def _tick(dsn: str, at: datetime) -> None:
