@@ -220,7 +220,8 @@ class LiveFeed:
             FEED_CLOSED.labels("shutdown").inc()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # its own failure was raised by start() already; do not mask the shutdown's cause
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
 
     # -- the reader ------------------------------------------------------------------

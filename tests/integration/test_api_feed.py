@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.alerts.audit_verify import verify
 from gateway.api.live import CLOSE_BEHIND, Closing, FeedTimings, LiveFeed, Subscriber
 from gateway.api.principal import load_principal
+from gateway.api.routes import feed as feed_route
 from gateway.local.mosquitto import MosquittoInstance
 
 pytestmark = pytest.mark.timeout(180)
@@ -465,3 +466,25 @@ async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
         assert [m["position"] for m in got] == [escalated]
     finally:
         await live.stop()
+
+
+async def test_pings_come_and_a_revoked_login_is_closed_at_the_next(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials are checked again at every ping: a changed password or a disabled
+    account (its token_version raised) ends the feed, as it ends HTTP access at once."""
+    monkeypatch.setattr(feed_route, "PING_EVERY_S", 0.2)
+    seed_tenants(database)
+    async with api_server(database) as host:
+        token = await token_of(host, "duty-a")
+        async with feed(host, token, None) as (console, _):
+            assert (await console.next())["type"] == "ping"
+            await console.ws.send('{"type": "pong"}')
+            assert (await console.next())["type"] == "ping"  # a pong needs no answer
+            with psycopg.connect(database) as conn:
+                conn.execute("UPDATE staff SET token_version = token_version + 1"
+                             " WHERE id = 'duty-a'")  # fmt: skip
+            with pytest.raises(ConnectionClosed) as closed:
+                await console.until(lambda m: False, within_s=10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+            assert "log in again" in closed.value.rcvd.reason
