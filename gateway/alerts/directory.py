@@ -187,9 +187,7 @@ class Directory:
         path = [u.id for u in self._paths.get(alert.site_id, ())]
         return self.book.resolve(path, alert.type, alert.severity)
 
-    async def _send(
-        self, sql: str, params: Sequence[Any]
-    ) -> psycopg.AsyncCursor[dict[str, Any]]:
+    async def _send(self, sql: str, params: Sequence[Any]) -> psycopg.AsyncCursor[dict[str, Any]]:
         cur = self.conn.cursor(row_factory=dict_row)
         await cur.execute(sql, params)
         return cur

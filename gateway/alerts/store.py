@@ -241,17 +241,20 @@ class PgAlertTransaction:
 
         return finish
 
-    async def save(self, transitions: Sequence[Transition]) -> None:
+    async def save(
+        self, transitions: Sequence[Transition], rows: Sequence[Alert] | None = None
+    ) -> None:
         """Each transition's row, chained audit row and change-log row, in order.
 
         Set-based: one statement per kind for the whole list, the chain computed here
         from heads read in one go. An alert's row is written once, in its final state;
-        change-log positions follow the list's order."""
+        change-log positions follow the list's order. ``rows``, when given, are the
+        states to write instead (a unit of work's final state of each alert)."""
         if not transitions:
             return
-        final = {t.after.id: t.after for t in transitions}
+        final = list({t.after.id: t.after for t in transitions}.values()) if rows is None else rows
         async with self.opening_race():
-            await self.conn.execute(_UPSERT, columns([_values(a) for a in final.values()], 24))
+            await self.conn.execute(_UPSERT, columns([_values(a) for a in final], 24))
         changes = []
         seqs = await self._append_all([t.audit for t in transitions])
         for t, seq in zip(transitions, seqs, strict=True):

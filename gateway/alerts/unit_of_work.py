@@ -36,9 +36,9 @@ from alerting.conditions import (
 from alerting.downlink import Downlink
 from alerting.engine import Effects, settle
 from alerting.lifecycle import Command, IllegalTransition, Transition, transition
-from alerting.model import Alert
+from alerting.model import Alert, AlertStatus
 from alerting.pipeline import Batch, Escalate, PlannedStep
-from alerting.planner import StepKey
+from alerting.planner import Step, StepKey
 from alerting.ports import StoreError
 from alerting.rules import (
     ConditionSignal,
@@ -139,7 +139,11 @@ async def persist(
         t for t in effects.transitions
         if "step" in t.audit.detail and t.audit.detail["step"] in new
     ]  # fmt: skip
-    await tx.save(fired)
+    # Each alert's row ends in its last kept state: in a batch of events, a repeat may
+    # follow the step its opening fired, and the step's own state is then not the last.
+    kept = [t for t in effects.transitions
+            if "step" not in t.audit.detail or t.audit.detail["step"] in new]  # fmt: skip
+    await tx.save(fired, rows=list({t.after.id: t.after for t in kept}.values()))
     out.alerts.update(t.after.id for t in (*changes, *fired))
     planned = [
         PlannedStep(alert, step, found)
@@ -274,12 +278,106 @@ async def intake_batch(
         tx = PgAlertTransaction(conn, worker)
         directory = Directory(conn, await book())
         await directory.preload([r["site_id"] for r in rows])
-        for row in rows:
-            await _apply_row(conn, tx, directory, row, now, out)
-            out.events += 1
+        together = Outcome()
+        try:
+            async with conn.transaction():  # a savepoint: the whole batch at once
+                await _apply_rows_together(conn, tx, directory, rows, now, together)
+            _merge(out, together)
+        except psycopg.OperationalError:
+            raise
+        except (StoreError, psycopg.DatabaseError) as exc:
+            # Lost a race to open a key, or the database refused something: one event at
+            # a time, each in a savepoint of its own, retried or dead-lettered alone.
+            log.info("inbox batch applied one event at a time: %s", exc)
+            tx.forget()
+            for row in rows:
+                await _apply_row(conn, tx, directory, row, now, out)
+        out.events += len(rows)
         done = [r["id"] for r in rows]
         await conn.execute("DELETE FROM engine_inbox WHERE id = ANY(%s)", (done,))
     return out
+
+
+def _merge(into: Outcome, part: Outcome) -> None:
+    into.ignored += part.ignored
+    into.dead += part.dead
+    into.steps += part.steps
+    into.steps_already_fired += part.steps_already_fired
+    into.notices += part.notices
+    into.downlinks += part.downlinks
+    into.alerts |= part.alerts
+
+
+async def _apply_rows_together(
+    conn: psycopg.AsyncConnection[Any],
+    tx: PgAlertTransaction,
+    directory: Directory,
+    rows: Sequence[dict[str, Any]],
+    now: datetime,
+    out: Outcome,
+) -> None:
+    """The batch's events in order, as ``apply_event`` would apply them one by one, but
+    decided and settled in memory and persisted once: one lock of every dedup key, one
+    read of fired steps, one set-based write. An event the rules refuse is dead-lettered
+    before anything of it is kept."""
+    events: list[tuple[dict[str, Any], EngineEvent, tuple[str, ...]]] = []
+    for row in rows:
+        try:
+            event = event_from_row(row)
+            events.append((row, event, tuple(dedup_keys(event))))
+        except (ValueError, KeyError) as exc:
+            await _dead_letter(conn, row, exc, out)
+    keys = sorted({k for _, _, ks in events for k in ks})
+    open_by_key = dict(await tx.lock_open(keys))
+    recorded = await tx.fired_steps_of([a.id for a in open_by_key.values()])
+    fired_now: dict[uuid.UUID, set[StepKey]] = {}
+
+    def fired_for(alert: Alert) -> frozenset[StepKey]:
+        keys = (*recorded.get(alert.id, ()), *fired_now.get(alert.id, ()))
+        return frozenset(k for k in keys if k.epoch == alert.epoch)
+
+    transitions: list[Transition] = []
+    steps: list[tuple[Alert, Step]] = []
+    downlinks: list[Downlink] = []
+    plans: dict[uuid.UUID, datetime | None] = {}
+    for row, event, event_keys in events:
+        try:
+            mine = {k: open_by_key[k] for k in event_keys if k in open_by_key}
+            decision = decide(event, mine, now=now)
+            if decision.ignored is not None:
+                out.ignored += 1
+                log.debug("event %s changes no alert: %s", event.event_id, decision.ignored)
+                continue
+            effects = settle(decision.transitions, directory.policy_for, fired_for, now)
+        except (ValueError, KeyError, IllegalTransition) as exc:
+            await _dead_letter(conn, row, exc, out)
+            continue
+        transitions += effects.transitions
+        steps += effects.steps
+        downlinks += effects.downlinks
+        plans.update(effects.next_step_at)
+        for _alert, step in effects.steps:
+            fired_now.setdefault(step.key.alert_id, set()).add(step.key)
+        for alert in effects.alerts.values():
+            if alert.status is AlertStatus.RESOLVED:
+                if alert.dedup_key in open_by_key and open_by_key[alert.dedup_key].id == alert.id:
+                    del open_by_key[alert.dedup_key]
+            else:
+                open_by_key[alert.dedup_key] = alert
+    merged = Effects(tuple(transitions), tuple(steps), tuple(downlinks), tuple(plans.items()))
+    await persist(tx, directory, merged, now, out)
+
+
+async def _dead_letter(
+    conn: psycopg.AsyncConnection[Any], row: dict[str, Any], exc: Exception, out: Outcome
+) -> None:
+    reason = f"{type(exc).__name__}: {exc}"
+    log.error("event %s cannot be applied, kept in engine_dead_letters: %s",
+              row["event_id"], reason)  # fmt: skip
+    event = {k: (str(v) if k in ("event_id", "time") else v) for k, v in row.items()
+             if k != "id"}  # fmt: skip
+    await conn.execute(_DEAD, (row["event_id"], Jsonb(event), reason))
+    out.dead += 1
 
 
 async def _apply_row(
@@ -304,13 +402,7 @@ async def _apply_row(
             log.info("retrying event %s: %s", row["event_id"], exc)
         except (ValueError, KeyError, IllegalTransition) as exc:
             tx.forget()
-            reason = f"{type(exc).__name__}: {exc}"
-            log.error("event %s cannot be applied, kept in engine_dead_letters: %s",
-                      row["event_id"], reason)
-            event = {k: (str(v) if k in ("event_id", "time") else v) for k, v in row.items()
-                     if k != "id"}  # fmt: skip
-            await conn.execute(_DEAD, (row["event_id"], Jsonb(event), reason))
-            out.dead += 1
+            await _dead_letter(conn, row, exc, out)
             return
 
 
@@ -369,9 +461,7 @@ ON CONFLICT (site_id, device_id, metric) DO UPDATE SET
 
 
 def _state_from_json(doc: dict[str, Any]) -> ThresholdState:
-    return ThresholdState(
-        int(doc["level"]), tuple(doc["runs_above"]), tuple(doc["runs_below"])
-    )
+    return ThresholdState(int(doc["level"]), tuple(doc["runs_above"]), tuple(doc["runs_below"]))
 
 
 def _state_json(state: ThresholdState) -> dict[str, Any]:

@@ -155,9 +155,7 @@ class EngineWorkers:
     async def _until_next(self, conn: psycopg.AsyncConnection[Any], now: datetime) -> float:
         if self.clock != "system":
             return self.poll_s  # a test's clock: woken by NOTIFY engine_timers or the poll
-        cur = await conn.execute(
-            "SELECT min(next_step_at) FROM alerts WHERE status <> 'resolved'"
-        )
+        cur = await conn.execute("SELECT min(next_step_at) FROM alerts WHERE status <> 'resolved'")
         row = await cur.fetchone()
         if row is None or row[0] is None:
             return self.poll_s
