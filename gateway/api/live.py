@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -91,12 +92,14 @@ def change_message(change: Change, alert: dict[str, Any]) -> str:
 
 
 class Closing(Exception):
-    """The client's connection is to be closed with ``code`` and ``reason``."""
+    """The client's connection is to be closed with ``code`` and ``reason``, after
+    sending ``last`` (a reset says why before the close)."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, last: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.last = last
 
 
 class Subscriber:
@@ -127,9 +130,9 @@ class Subscriber:
         self._ready.set()
         return True
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, last: tuple[str, ...] = ()) -> None:
         if self.closing is None:
-            self.closing = Closing(code, reason)
+            self.closing = Closing(code, reason, last)
             self._outbox.clear()  # nothing more goes out: free the memory now
         self._ready.set()
 
@@ -229,12 +232,15 @@ class LiveFeed:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
+            started = time.monotonic()
             try:
                 await self._listen_and_read()
             except (psycopg.OperationalError, OSError) as exc:
                 log.warning("live feed: %s; reconnecting", exc)
             except Exception:  # a bug must not end the feed of every console: log, retry
                 log.exception("live feed reader failed; restarting")
+            if time.monotonic() - started > 10:
+                backoff = 0.2
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -261,7 +267,8 @@ class LiveFeed:
                     pause = (self.timings.horizon_poll_s if waiting
                              else self.timings.fallback_poll_s)  # fmt: skip
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), pause)
+                        async with asyncio.timeout(pause):
+                            await self._wake.wait()
                     self._wake.clear()
             finally:
                 waker.cancel()
@@ -293,8 +300,7 @@ class LiveFeed:
         log.error("live feed: change %s is no longer in the log; every client reloads",
                   self.position)  # fmt: skip
         for sub in list(self._subscribers):
-            sub.offer(message("reset"))
-            sub.close(CLOSE_RESET, "the feed lost its place: reload")
+            sub.close(CLOSE_RESET, "the feed lost its place: reload", (message("reset"),))
             FEED_CLOSED.labels("reset").inc()
 
     async def _fan_out(self, conn: psycopg.AsyncConnection[Any], changes: list[Change]) -> None:

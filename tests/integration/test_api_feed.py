@@ -488,3 +488,33 @@ async def test_pings_come_and_a_revoked_login_is_closed_at_the_next(
                 await console.until(lambda m: False, within_s=10)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
             assert "log in again" in closed.value.rcvd.reason
+
+
+async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
+    database: str,
+) -> None:
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "sos")
+    await drain(database, T0)
+    live = LiveFeed(database)
+    await live.start()
+    try:
+        before = await joined(live, database, "duty-a", "station-a")
+        with psycopg.connect(database) as conn:  # as a retention job might
+            conn.execute("DELETE FROM alert_changes WHERE position = %s", (live.position,))
+        raise_event(database, "site-a", "wb-a", "fall")
+        await drain(database, T0)
+        with pytest.raises(Closing) as closing:
+            while True:
+                await before.next_messages(10)
+        assert closing.value.code == 4410 and closing.value.last == ('{"type":"reset"}',)
+        after = await joined(live, database, "duty-a", "station-a")
+        raise_event(database, "site-b", "wb-b", "sos")
+        raise_event(database, "site-a", "wb-a", "tamper")
+        await drain(database, T0)
+        got: list[Message] = []
+        while not any(m.get("action") == "escalated" for m in got):
+            got += [json.loads(m) for m in await after.next_messages(10)]
+        assert {m["alert"]["type"] for m in got if m["type"] == "change"} == {"tamper"}
+    finally:
+        await live.stop()

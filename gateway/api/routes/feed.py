@@ -193,6 +193,8 @@ async def send_loop(
         try:
             texts = await sub.next_messages(max(next_ping - time.monotonic(), 0.0))
         except Closing as closing:
+            for text in closing.last:
+                await websocket.send_text(text)
             await close_with(websocket, closing)
             return
         if time.monotonic() >= next_ping:
