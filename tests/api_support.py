@@ -122,10 +122,15 @@ async def login(client: httpx.AsyncClient, user: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def api_server(dsn: str, **extra: Any) -> AsyncIterator[str]:
+async def api_server(
+    dsn: str, send_buffer: int | None = None, **extra: Any
+) -> AsyncIterator[str]:
     """The app served by uvicorn on a free loopback port in this event loop, as
-    ``eldersafe server`` serves it (real sockets: WebSockets work): its ``host:port``."""
+    ``eldersafe server`` serves it (real sockets: WebSockets work): its ``host:port``.
+    ``send_buffer`` sets SO_SNDBUF of the listening socket (connections inherit it), so a
+    test can fill a connection's buffers with little data."""
     import asyncio
+    import socket
 
     import uvicorn
     from support import until
@@ -138,7 +143,14 @@ async def api_server(dsn: str, **extra: Any) -> AsyncIterator[str]:
         log_level="warning", access_log=False, lifespan="on", ws_max_size=64 * 1024,
     )  # fmt: skip
     server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
+    sockets = None
+    if send_buffer is not None:
+        listening = socket.socket()
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        listening.bind(("127.0.0.1", port))
+        sockets = [listening]
+    serving = asyncio.create_task(server.serve(sockets=sockets))
     await until(lambda: server.started or serving.done(), 30, "the API to start")
     if serving.done():
         serving.result()  # it failed to start: its error

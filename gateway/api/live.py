@@ -110,6 +110,7 @@ class Subscriber:
         self.limit = limit
         self.skip_through: int | None = None
         self.closing: Closing | None = None
+        self.closed = asyncio.Event()  # set with ``closing``
         self._outbox: deque[str] = deque()
         self._ready = asyncio.Event()
 
@@ -134,6 +135,7 @@ class Subscriber:
         if self.closing is None:
             self.closing = Closing(code, reason, last)
             self._outbox.clear()  # nothing more goes out: free the memory now
+            self.closed.set()
         self._ready.set()
 
     async def next_messages(self, quiet_s: float) -> list[str]:
@@ -357,6 +359,10 @@ class LiveFeed:
                 sub.skip_through = cursor  # ahead of this server's reader
             self._add(sub)
         return sub
+
+    @property
+    def clients(self) -> int:
+        return len(self._subscribers)
 
     def _add(self, sub: Subscriber) -> None:
         self._subscribers.add(sub)

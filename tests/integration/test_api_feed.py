@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,11 +18,15 @@ import psycopg
 import pytest
 from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants
 from support import scalar, until, wait_for
-from test_alert_engine import drain
+from test_alert_engine import drain, rows
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from gateway.alerts.audit_verify import verify
+from gateway.api import app as app_module
 from gateway.api.live import CLOSE_BEHIND, Closing, FeedTimings, LiveFeed, Subscriber
 from gateway.api.principal import load_principal
 from gateway.api.routes import feed as feed_route
@@ -525,3 +530,59 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
         assert {m["alert"]["type"] for m in got if m["type"] == "change"} == {"tamper"}
     finally:
         await live.stop()
+
+
+async def test_a_client_that_reads_nothing_is_let_go_and_holds_up_no_one(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer whose TCP window stays shut: the server's send to it waits, its outbox
+    overflows, and its handler ends within the close grace though no close frame can
+    reach it; a console beside it gets every change meanwhile."""
+    feeds: list[LiveFeed] = []
+
+    class SmallOutbox(LiveFeed):
+        def __init__(self, dsn: str) -> None:
+            super().__init__(dsn, FeedTimings(outbox_limit=100))
+            feeds.append(self)
+
+    monkeypatch.setattr(app_module, "LiveFeed", SmallOutbox)
+    monkeypatch.setattr(feed_route, "CLOSE_WITHIN_S", 0.5)
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-q", 400)
+    loop = asyncio.get_running_loop()
+    async with api_server(database, send_buffer=4096) as host:
+        live = feeds[0]
+        token = await token_of(host, "duty-a")
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.setblocking(False)
+        address, port = host.split(":")
+        await loop.sock_connect(stuck, (address, int(port)))
+        handshake = ClientProtocol(parse_uri(f"ws://{host}/api/feed"))
+        handshake.send_request(handshake.connect())
+        await loop.sock_sendall(stuck, b"".join(handshake.data_to_send()))
+        while handshake.state is State.CONNECTING:
+            handshake.receive_data(await loop.sock_recv(stuck, 4096))
+        handshake.send_text(json.dumps({"type": "auth", "token": token, "after": None}).encode())
+        await loop.sock_sendall(stuck, b"".join(handshake.data_to_send()))
+        await until(lambda: live.clients == 1, 10, "the stuck client joined")
+        try:
+            async with feed(host, token, None) as (console, _):
+                raised = 0
+                while live.clients == 2 or raised == 0:
+                    assert raised < len(devices), "the stuck client still served"
+                    for device in devices[raised : raised + 20]:
+                        raise_event(database, "site-a", device, "sos")
+                    raised += 20
+                    await drain(database, T0)
+                    if raised == 20:
+                        await until(lambda: live.clients == 2, 10, "both clients joined")
+                await until(lambda: live.clients == 1, 10, "the stuck client handler ended")
+                final = last_position(database)
+                await console.until(lambda m: m.get("position") == final, within_s=30)
+                everything = [r[0] for r in rows(database, "SELECT position FROM alert_changes"
+                                                           " ORDER BY xid, position")]  # fmt: skip
+                assert [m["position"] for m in console.changes()] == everything
+                print(f"the stuck client was let go after {raised} alerts")
+        finally:
+            stuck.close()

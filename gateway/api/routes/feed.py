@@ -60,6 +60,9 @@ router = APIRouter(tags=["feed"])
 
 AUTH_WITHIN_S = 10.0
 PING_EVERY_S = 20.0
+# A client closed by the server has this long to take the close frame; one that reads
+# nothing at all (its TCP window shut) would otherwise hold the handler forever.
+CLOSE_WITHIN_S = 5.0
 MAX_DISPLAYED = 500  # alert ids in one "displayed" message
 
 
@@ -99,8 +102,9 @@ def problems(exc: ValidationError, limit: int = 3) -> str:
 async def close_with(websocket: WebSocket, closing: Closing) -> None:
     # A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455 §5.5).
     reason = closing.reason.encode()[:123].decode(errors="ignore")
-    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect):
-        await websocket.close(closing.code, reason)
+    with contextlib.suppress(RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+        async with asyncio.timeout(CLOSE_WITHIN_S):  # a send waits while the peer reads nothing
+            await websocket.close(closing.code, reason)
 
 
 async def read_auth(websocket: WebSocket) -> AuthMessage:
@@ -168,6 +172,7 @@ async def serve_client(
     tasks = {
         asyncio.create_task(send_loop(websocket, settings, pool, sub, token)),
         asyncio.create_task(receive_loop(websocket, settings, pool, sub)),
+        asyncio.create_task(closed_for_good(sub)),
     }
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -184,6 +189,13 @@ async def serve_client(
     await close_with(websocket, Closing(1000, "bye"))
 
 
+async def closed_for_good(sub: Subscriber) -> None:
+    """Ends the connection's tasks once the server closed it and the sender had its time
+    to say so (it may be stuck in a send to a peer that reads nothing)."""
+    await sub.closed.wait()
+    await asyncio.sleep(CLOSE_WITHIN_S)
+
+
 async def send_loop(
     websocket: WebSocket, settings: Settings, pool: Pool, sub: Subscriber, token: str
 ) -> None:
@@ -193,8 +205,10 @@ async def send_loop(
         try:
             texts = await sub.next_messages(max(next_ping - time.monotonic(), 0.0))
         except Closing as closing:
-            for text in closing.last:
-                await websocket.send_text(text)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WITHIN_S):
+                    for text in closing.last:
+                        await websocket.send_text(text)
             await close_with(websocket, closing)
             return
         if time.monotonic() >= next_ping:
