@@ -188,8 +188,9 @@ class FeedTimings:
     batch: int = 500  # changes read per query
     fallback_poll_s: float = 5.0  # a lost notification costs at most this
     horizon_poll_s: float = 0.02  # while committed changes wait behind an older transaction
-    # Messages queued per client before it is closed as too slow. Clients of one scope and
-    # tier share each message's string, so a slow client holds references, not copies.
+    # Messages queued per client before it is closed as too slow; above ``batch``, since a
+    # read offers its whole batch at once. Clients of one scope and tier share each
+    # message's string, so a slow client holds references, not copies.
     outbox_limit: int = 1000
 
 

@@ -11,11 +11,13 @@ Protocol (the console is built against exactly this):
   change after it in the caller's scope follows first.
 * server, per change in scope: ``{"type": "change", "position", "alert_id", "seq",
   "action", "alert"}`` — ``alert`` as ``GET /api/alerts/{id}`` gives it, without the
-  timeline, masked as for this caller. Resume from the last ``position`` received.
+  timeline, masked as for this caller, read when the message is built (so at least as
+  new as the change; changes may arrive out of ``seq`` order within an alert, hence the
+  highest-``seq`` rule). Resume from the last ``position`` received.
 * server: ``{"type": "reset"}`` then close 4410 for a position it does not know (reload).
   ``{"type": "ping"}`` every 20 s (credentials are checked again then: an expired token
   or a disabled account closes 4401); the client may answer ``{"type": "pong"}``.
-* client: ``{"type": "displayed", "alert_ids": [...]}`` — the console showed these
+* client: ``{"type": "displayed", "alert_ids": [...]}`` (at most 500) — the console showed these
   alerts to this person: their console notices to that person are confirmed, so the
   fallback to messaging stops.
 * anything malformed from the client: ``{"type": "error", "detail": "..."}``; frames
