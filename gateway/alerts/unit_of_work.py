@@ -285,9 +285,10 @@ async def intake_batch(
             _merge(out, together)
         except psycopg.OperationalError:
             raise
-        except (StoreError, psycopg.DatabaseError) as exc:
-            # Lost a race to open a key, or the database refused something: one event at
-            # a time, each in a savepoint of its own, retried or dead-lettered alone.
+        except (StoreError, psycopg.DatabaseError, ValueError, KeyError, IllegalTransition) as exc:
+            # Lost a race to open a key, or the database or a check refused something:
+            # one event at a time, each in a savepoint of its own, retried or
+            # dead-lettered alone.
             log.info("inbox batch applied one event at a time: %s", exc)
             tx.forget()
             for row in rows:

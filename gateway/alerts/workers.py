@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ClockSource = Literal["system", "database"]
 SWEEP_DEFER_S = 0.5
+TIMER_LOOPS = 2
 
 
 async def engine_now(conn: psycopg.AsyncConnection[Any], source: ClockSource) -> datetime:
@@ -83,7 +84,11 @@ class EngineWorkers:
         self.work_options = f"-c idle_in_transaction_session_timeout={int(stalled_s * 1000)}"
 
     async def run(self) -> None:
-        await asyncio.gather(self._forever(self._intake), self._forever(self._timers))
+        # Two timer loops (claims are SKIP LOCKED, as between servers): one claims and
+        # computes while the other waits on PostgreSQL, so a deadline waits for half a
+        # tick, not a whole one, behind the step before it.
+        timers = [self._forever(self._timers) for _ in range(TIMER_LOOPS)]
+        await asyncio.gather(self._forever(self._intake), *timers)
 
     async def _forever(self, loop: Any) -> None:
         backoff = 0.2
@@ -160,5 +165,7 @@ class EngineWorkers:
         if row is None or row[0] is None:
             return self.poll_s
         due: datetime = row[0]
-        # At least 10 ms: a due alert another server holds locked is not ours to spin on.
-        return min(self.poll_s, max((due - now) / timedelta(seconds=1), 0.01))
+        ahead = (due - datetime.now(UTC)) / timedelta(seconds=1)
+        # Until the deadline itself (the step lag starts there); 10 ms when it has passed
+        # already: a due alert another server holds locked is not ours to spin on.
+        return min(self.poll_s, ahead if ahead > 0 else 0.01)
