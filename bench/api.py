@@ -21,6 +21,9 @@ consoles, 40 of the street, 10 of the bureau: three masking tiers).
   the same server at the acknowledge cadence (the floor of any HTTP action on it).
 * **checks**: every console received every change up to the last one, once; one alert
   per event; every acknowledge answered 200.
+* ``--commit-cost``: instead, what commit order costs the writers of the change log
+  (migration 0007): 4 connections each committing transactions of 2 change rows as fast
+  as they can, with the numbering trigger and with it disabled.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ INSERT INTO device_events (event_id, time, site_id, device_id, type, phase, prof
 SELECT event_id, %s, %s, %s, 'sos', 'pulse', 'es-wb1', '{}'::jsonb FROM fresh
 """
 # The baseline's payloads: the change rows themselves (bench-only trigger; NOTIFY payloads
-# stop at 8000 bytes, far above an alert's size).
+# stop at 8000 bytes, far above an alert's size). They carry the insert position: the
+# commit_seq is given only at commit, so the results map one to the other afterwards.
 BASELINE_TRIGGER = """
 CREATE FUNCTION bench_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -190,7 +194,7 @@ async def listen_worker(dsn: str, out: Path) -> None:
         await conn.execute("LISTEN bench_changes")
         print("ready", flush=True)
         told = asyncio.create_task(asyncio.to_thread(sys.stdin.readline))
-        while not (told.done() and int(told.result().split()[1]) in seen):
+        while not (told.done() and int(told.result().split()[2]) in seen):
             async for n in conn.notifies(timeout=0.5):
                 now = time.time()
                 position = json.loads(n.payload)["position"]
@@ -208,7 +212,6 @@ async def feed_worker(dsn: str, out: Path) -> None:
 
     arrivals: list[tuple[int, float]] = []
     seen: set[int] = set()
-    from gateway.api.live import HELD_BACK
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listen,
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
@@ -223,9 +226,7 @@ async def feed_worker(dsn: str, out: Path) -> None:
                 arrivals += [(c.position, now) for c in changes]
                 seen.update(c.position for c in changes)
                 position = changes[-1].position
-            row = await (await conn.execute(HELD_BACK)).fetchone()
-            async for _ in listen.notifies(timeout=0.02 if row and row[0] else 0.5,
-                                           stop_after=1):
+            async for _ in listen.notifies(timeout=0.5, stop_after=1):
                 pass
     await asyncio.to_thread(out.write_text, json.dumps(arrivals))
     print("done", flush=True)
@@ -253,7 +254,7 @@ class Worker:
 
 
 async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: float,
-                tell_final: Callable[[int], None]) -> dict[str, Any]:  # fmt: skip
+                tell_final: Callable[[int, int], None]) -> dict[str, Any]:  # fmt: skip
     """Raise the events at ``rate``; meanwhile duty-1's console acknowledges alerts. Once
     the engine took every event in, the last change is told to the other processes and
     this console reads on until it has it too."""
@@ -325,10 +326,10 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
 
         reading = asyncio.create_task(read())
         await asyncio.gather(raise_events(), acknowledge())
-        final.append(await asyncio.to_thread(settle, dsn, int(rate * seconds)))
+        final.extend(await asyncio.to_thread(settle, dsn, int(rate * seconds)))
         if final[0] in {p for p, _ in my_arrivals}:
             final_seen.set()
-        await asyncio.to_thread(tell_final, final[0])
+        await asyncio.to_thread(tell_final, final[0], final[1])
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(final_seen.wait(), 60)
         reading.cancel()
@@ -352,8 +353,9 @@ def api_up(port: int, within_s: float = 60) -> None:
         time.sleep(0.1)
 
 
-def settle(dsn: str, events: int, within_s: float = 120) -> int:
-    """Wait until the engine took every event in; the last change in feed order."""
+def settle(dsn: str, events: int, within_s: float = 120) -> tuple[int, int]:
+    """Wait until the engine took every event in; the last change in feed order (its
+    commit_seq and its insert position)."""
     deadline = time.monotonic() + within_s
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
@@ -365,22 +367,64 @@ def settle(dsn: str, events: int, within_s: float = 120) -> int:
                 break
             time.sleep(0.2)
         last = conn.execute(
-            "SELECT position FROM alert_changes ORDER BY xid DESC, position DESC LIMIT 1"
+            "SELECT commit_seq, position FROM alert_changes ORDER BY commit_seq DESC LIMIT 1"
         ).fetchone()
         assert last is not None
-        return int(last[0])
+        return int(last[0]), int(last[1])
 
 
-def commits(dsn: str, final: int) -> dict[int, float]:
-    """Commit time (epoch s) of every change up to ``final`` in feed order."""
+def commits(dsn: str, final: int) -> tuple[dict[int, float], dict[int, int]]:
+    """Commit time (epoch s) of every change up to ``final`` in feed order, by position
+    (commit_seq); and the insert position to commit_seq."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT c.position, extract(epoch FROM pg_xact_commit_timestamp(c.xmin))"
-            " FROM alert_changes c, (SELECT xid, position FROM alert_changes"
-            "  WHERE position = %s) f WHERE (c.xid, c.position) <= (f.xid, f.position)",
+            "SELECT commit_seq, position, extract(epoch FROM pg_xact_commit_timestamp(xmin))"
+            " FROM alert_changes WHERE commit_seq <= %s",
             (final,),
         ).fetchall()
-    return {int(p): float(t) for p, t in rows}
+    return {int(c): float(t) for c, _, t in rows}, {int(p): int(c) for c, p, _ in rows}
+
+
+COMMIT_COST_WRITE = """
+INSERT INTO alert_changes (alert_id, seq, time, action, alert)
+SELECT gen_random_uuid(), s, now(), 'opened', '{"bench": true}' FROM generate_series(1, 2) s
+"""
+
+
+async def commit_cost(dsn: str, writers: int = 4, per_writer: int = 500) -> dict[str, float]:
+    """Commits/s and commit latency of ``writers`` connections writing change rows."""
+    latencies: list[float] = []
+
+    async def writer() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            for _ in range(per_writer):
+                await conn.execute(COMMIT_COST_WRITE)
+                started = time.perf_counter()
+                await conn.commit()
+                latencies.append((time.perf_counter() - started) * 1e3)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    elapsed = time.perf_counter() - started
+    return {"commits_per_s": writers * per_writer / elapsed, **quantiles(latencies)}
+
+
+def run_commit_cost() -> int:
+    with services() as (_, pg):
+        assert pg is not None
+        migrate(pg.dsn)
+        print(f"{'change-writing commits, 4 writers':<44}{'per s':>9}{'p50':>9}{'p99':>9}"
+              f"{'max':>9}")  # fmt: skip
+        for label, trigger in (("numbered at commit (0007)", "ENABLE"),
+                               ("trigger disabled", "DISABLE"),
+                               ("numbered at commit (0007), again", "ENABLE")):  # fmt: skip
+            with psycopg.connect(pg.dsn, autocommit=True) as conn:
+                conn.execute(f"ALTER TABLE alert_changes {trigger} TRIGGER"
+                             " alert_changes_commit_order")  # fmt: skip
+            d = asyncio.run(commit_cost(pg.dsn))
+            print(f"{label:<44}{d['commits_per_s']:>9.0f}{d['p50']:>9.2f}{d['p99']:>9.2f}"
+                  f"{d['max']:>9.2f}")  # fmt: skip
+    return 0
 
 
 def main() -> int:
@@ -390,8 +434,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--ack-every", type=float, default=0.2, help="seconds between taps")
     parser.add_argument("--processes", type=int, default=2, help="console processes")
+    parser.add_argument("--commit-cost", action="store_true",
+                        help="measure what numbering at commit costs the log's writers")
     parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.commit_cost:
+        return run_commit_cost()
     if args.worker:
         kind, *rest = args.worker
         if kind == "consoles":
@@ -438,9 +486,9 @@ def main() -> int:
                   f"{args.rate:.0f}/s", flush=True)  # fmt: skip
             others = [listener, ordered_reader, *workers]
 
-            def tell_final(position: int) -> None:
+            def tell_final(position: int, inserted_at: int) -> None:
                 for w in others:
-                    w.tell(f"final {position}")
+                    w.tell(f"final {position} {inserted_at}")
                 for w in others:
                     w.expect("done")
 
@@ -450,7 +498,7 @@ def main() -> int:
             with psycopg.connect(pg.dsn) as conn:
                 alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()
                 dead = conn.execute("SELECT count(*) FROM engine_dead_letters").fetchone()
-            committed = commits(pg.dsn, final)
+            committed, by_insert = commits(pg.dsn, final)
         finally:
             for w in workers:
                 w.proc.kill()
@@ -468,7 +516,8 @@ def main() -> int:
         doubled += len(got) - len(set(got))
         missing += len(committed.keys() - set(got))
         lat += [(t - committed[p]) * 1e3 for p, t in arrivals if p in committed]
-    base = [(t - committed[p]) * 1e3 for p, t in baseline if p in committed]
+    base = [(t - committed[by_insert[p]]) * 1e3 for p, t in baseline
+            if by_insert.get(p) in committed]  # fmt: skip
     ordered = [(t - committed[p]) * 1e3 for p, t in gap_free if p in committed]
     print(f"alerts {alerts[0] if alerts else 0} of {events}; changes {len(committed)}; "
           f"consoles {len(per_console)}; engine dead letters {dead[0] if dead else '?'}"

@@ -3,10 +3,10 @@
 Alerts are opened, acknowledged and escalated by whichever server claims them,
 so per-process counters would split one district's figures over the servers.
 This collector reads them from the one record every server writes: the ordered
-change log ``alert_changes`` (gateway.alerts.feed explains its (xid, position)
-order). It folds each change into running totals once and remembers how far it
-read, so a scrape reads only what changed since the last one (an index range
-scan on ``alert_changes_feed``); the first scrape after a start reads the log
+change log ``alert_changes`` (gateway.alerts.feed explains its commit order).
+It folds each change into running totals once and remembers how far it read,
+so a scrape reads only what changed since the last one (an index range scan on
+``alert_changes_commit_order``); the first scrape after a start reads the log
 from its beginning once. Gauges (outbox depths, inbox lag, devices online,
 unresolved alerts) are small counts over partial indexes or the device table.
 
@@ -59,24 +59,21 @@ ON_SCENE_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 3600.0, 72
 COUNTED_ACTIONS = ("opened", "acknowledged", "on_scene", "escalated")
 NO_UNIT = "none"  # an alert of a site no unit is responsible for (an unregistered site)
 
-# One page of the change log after (xid, position), oldest transaction first, only over
-# transactions older than every running one (the feed's rule: nothing is passed that an
-# unfinished transaction could still fill). The unit is read for openings only and the
-# audit detail (the step's level and kind) for escalations only.
+# One page of the change log after a commit_seq, in commit order (the feed's: a number
+# seen means every lower one that commits is seen already). The unit is read for
+# openings only and the audit detail (the step's level and kind) for escalations only.
 _CHANGES = """
-SELECT c.xid::text, c.position, c.action,
+SELECT c.commit_seq, c.action,
        CASE WHEN c.action = ANY(%(counted)s) THEN c.alert END,
        a.unit_id, au.detail
 FROM (
-    SELECT xid, position, alert_id, seq, time, action, alert FROM alert_changes
-    WHERE (xid, position) > (%(xid)s::xid8, %(position)s)
-      AND xid < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY xid, position LIMIT %(limit)s
+    SELECT commit_seq, alert_id, seq, time, action, alert FROM alert_changes
+    WHERE commit_seq > %(after)s ORDER BY commit_seq LIMIT %(limit)s
 ) c
 LEFT JOIN alerts a ON c.action = 'opened' AND a.id = c.alert_id
 LEFT JOIN alert_audit au ON c.action = 'escalated'
     AND au.alert_id = c.alert_id AND au.seq = c.seq AND au.time = c.time
-ORDER BY c.xid, c.position
+ORDER BY c.commit_seq
 """
 _NOTIFICATIONS_PENDING = """
 SELECT channel, count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)
@@ -232,8 +229,7 @@ def _bound_label(bound: float) -> str:
 class DistrictTotals:
     """Running totals folded from the change log, and how far it was read."""
 
-    xid: str = "0"
-    position: int = 0
+    position: int = 0  # the commit_seq read through
     opened: dict[tuple[str, str, str], int] = field(default_factory=dict)
     escalations: dict[tuple[str, str], int] = field(default_factory=dict)
     to_acknowledge: dict[tuple[str, str], Buckets] = field(default_factory=dict)
@@ -352,8 +348,7 @@ class DistrictCollector(Collector):
                 _CHANGES,
                 {
                     "counted": list(COUNTED_ACTIONS),
-                    "xid": self.totals.xid,
-                    "position": self.totals.position,
+                    "after": self.totals.position,
                     "limit": self.page,
                 },
             ).fetchall()
@@ -365,10 +360,10 @@ class DistrictCollector(Collector):
                 return
 
     def _fold(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        for xid, position, action, alert, unit, detail in rows:
+        for position, action, alert, unit, detail in rows:
             for fact in facts_from_change(action, alert, unit, detail):
                 self.totals.add(fact)
-            self.totals.xid, self.totals.position = xid, position
+            self.totals.position = position
 
     def _read_gauges(self, conn: psycopg.Connection[Any]) -> Gauges:
         downlink = conn.execute(_DOWNLINK_PENDING).fetchone()

@@ -1,14 +1,21 @@
 """Reading the ordered change log (``alert_changes``) for the live feed, resumable, gap-free.
 
-Positions come from an identity column at insert time, so they commit out of
-order: a reader that simply took ``position > last`` could pass a position an
-unfinished transaction still fills, and miss that change forever. The feed
-therefore runs in ``(xid, position)`` order over the transactions that are
-older than every one still running (``xid < pg_snapshot_xmin``): that set only
-grows at its end, so resuming after the last row seen misses nothing. Within
-one alert, ``seq`` (its audit seq) orders its states; a client keeps the
-highest ``seq`` per alert (two transactions on one alert are serialised by the
-alert's row lock, but their xids need not follow that order).
+The feed follows ``commit_seq``, a number each change is given at its transaction's
+COMMIT (migration 0007): a transaction numbers its rows under a lock it holds until it
+is visible, so numbers become visible in order and a reader that has seen number k
+has seen every lower number that will ever commit. Resuming with ``commit_seq > k``
+therefore misses nothing, and a change is readable the moment its transaction commits,
+whatever else runs in the database. (Positions, given at insert, commit out of order;
+the feed once had to wait for every older transaction in the cluster to end.) A
+client's "position" is a ``commit_seq``.
+
+What it costs: change-writing transactions end one at a time, from their numbering to
+their release (an UPDATE of their own rows, and the commit record's flush that the
+NOTIFY of migration 0006 already serialised). Measured in ``bench/README.md``, api.py.
+
+Within one alert, ``seq`` (its audit seq) orders its states; a client keeps the highest
+``seq`` per alert (a change's view is read when its message is built, so it may be
+newer than the change).
 """
 
 from __future__ import annotations
@@ -21,22 +28,21 @@ from typing import Any
 import psycopg
 
 _FROM_START = """
-SELECT position, alert_id, seq, time, action, alert FROM alert_changes
-WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid, position LIMIT %s
+SELECT commit_seq, alert_id, seq, time, action, alert FROM alert_changes
+WHERE commit_seq IS NOT NULL ORDER BY commit_seq LIMIT %s
 """
-_AFTER = """
-SELECT c.position, c.alert_id, c.seq, c.time, c.action, c.alert
-FROM alert_changes c, (SELECT xid, position FROM alert_changes WHERE position = %s) last
-WHERE (c.xid, c.position) > (last.xid, last.position)
-  AND c.xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY c.xid, c.position LIMIT %s
+# From the client's own change on: that it is still in the log proves nothing after it
+# left the log either (retention and erasure delete from the start).
+_FROM = """
+SELECT commit_seq, alert_id, seq, time, action, alert FROM alert_changes
+WHERE commit_seq >= %s ORDER BY commit_seq LIMIT %s
 """
+LAST = "SELECT max(commit_seq) FROM alert_changes"
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    position: int  # what a client resumes from
+    position: int  # its commit_seq: what a client resumes from
     alert_id: uuid.UUID
     seq: int
     time: datetime
@@ -47,14 +53,21 @@ class Change:
 async def changes_after(
     conn: psycopg.AsyncConnection[Any], position: int | None, limit: int = 500
 ) -> list[Change]:
-    """Changes after the one at ``position`` (None: from the start), in feed order."""
+    """Up to ``limit`` changes after ``position`` (None: from the start), in commit order.
+
+    Raises LookupError when the change at ``position`` is not in the log (never was, or
+    was deleted): the caller cannot tell what it missed and must start over."""
     if position is None:
         cur = await conn.execute(_FROM_START, (limit,))
-    else:
-        cur = await conn.execute(_AFTER, (position, limit))
+        return [Change(*row) for row in await cur.fetchall()]
+    cur = await conn.execute(_FROM, (position, limit + 1))
     rows = await cur.fetchall()
-    if position is not None and not rows:
-        known = await conn.execute("SELECT 1 FROM alert_changes WHERE position = %s", (position,))
-        if await known.fetchone() is None:
-            raise LookupError(f"no change at position {position}: resume from the start")
-    return [Change(*row) for row in rows]
+    if not rows or rows[0][0] != position:
+        raise LookupError(f"no change at position {position}: resume from the start")
+    return [Change(*row) for row in rows[1:]]
+
+
+async def last_position(conn: psycopg.AsyncConnection[Any]) -> int | None:
+    """The newest change's position (None: the log is empty)."""
+    row = await (await conn.execute(LAST)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])

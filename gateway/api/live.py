@@ -7,14 +7,15 @@ task reads the new changes with ``feed.changes_after`` from its own position, bu
 views in one query per batch and offers them to the clients. Clients never query the
 log on a notification, so 200 consoles cost one read, not 200.
 
-Why the seam has no gap and no duplicate: positions commit out of order, so "after P"
-means after P in the feed's (xid, position) order (``gateway.alerts.feed``). The reader
-only moves under ``_lock``. A (re)connecting client catches up from its position to the
-reader's, first without the lock (a long catch-up must not stall the reader), then the
-last stretch under it, and is added to the fan-out in the same critical section: every
-change up to the reader's position came from the catch-up, every later one from the
-fan-out. A client whose position is ahead of this reader's (it came from a faster
-server) skips the fan-out through its own position instead.
+Why the seam has no gap and no duplicate: positions are commit-ordered numbers
+(``gateway.alerts.feed``), so "after P" is plain ``> P``. The reader only moves under
+``_lock``. A (re)connecting client catches up from its position to the end of the log
+without the lock (a long catch-up must not stall the reader), then under the lock over
+whatever the reader passed meanwhile, and is added to the fan-out in the same critical
+section with that catch-up's end as its floor: the fan-out sends it only changes above
+its floor, and every change up to the floor came from the catch-up. A client whose
+position is ahead of this server's reader (it came from a faster server) simply has
+that position as its floor.
 
 Why a bounded outbox per client: the reader never waits on a client. A client whose
 outbox is full is closed with a reason and reconnects from its last position, so a slow
@@ -40,7 +41,7 @@ from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
 
 from alerting.model import AuditAction, AuditEntry, Channel, DetailValue
-from gateway.alerts.feed import Change, changes_after
+from gateway.alerts.feed import Change, changes_after, last_position
 from gateway.alerts.store import PgAlertTransaction
 from gateway.api.principal import Principal
 from gateway.api.views import ALERT_SELECT, view_from_row
@@ -67,19 +68,6 @@ CLOSE_MALFORMED = 4400  # the auth message was not one
 CLOSE_RESET = 4410  # the position is unknown here: reload, reconnect with after null
 CLOSE_BEHIND = 4429  # the client fell too far behind: reconnect with its last position
 CLOSE_RESTART = 1012  # the server is stopping: reconnect (to any server) with the position
-
-_LAST = """
-SELECT position FROM alert_changes
-WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid DESC, position DESC LIMIT 1
-"""
-# Committed changes the feed may not show yet: an older transaction is still running.
-# When it ends nothing may notify (it need not have touched the log), so the reader
-# looks again shortly while such rows exist.
-HELD_BACK = """
-SELECT EXISTS (SELECT 1 FROM alert_changes WHERE xid >= pg_snapshot_xmin(pg_current_snapshot()))
-"""
-_ORDER_KEYS = "SELECT position, xid::text::numeric FROM alert_changes WHERE position = ANY(%s)"
 
 
 def message(kind: str, **fields: Any) -> str:
@@ -108,7 +96,7 @@ class Subscriber:
     def __init__(self, principal: Principal, limit: int) -> None:
         self.principal = principal
         self.limit = limit
-        self.skip_through: int | None = None
+        self.floor: int | None = None  # changes up to this one it has (from its catch-up)
         self.closing: Closing | None = None
         self.closed = asyncio.Event()  # set with ``closing``
         self._outbox: deque[str] = deque()
@@ -187,7 +175,6 @@ async def views_by_key(
 class FeedTimings:
     batch: int = 500  # changes read per query
     fallback_poll_s: float = 5.0  # a lost notification costs at most this
-    horizon_poll_s: float = 0.02  # while committed changes wait behind an older transaction
     # Messages queued per client before it is closed as too slow; above ``batch``, since a
     # read offers its whole batch at once. Clients of one scope and tier share each
     # message's string, so a slow client holds references, not copies.
@@ -257,8 +244,7 @@ class LiveFeed:
             waker = asyncio.create_task(self._forward_notifications(listen))
             try:
                 if not self._started:
-                    row = await (await conn.execute(_LAST)).fetchone()
-                    self.position = row[0] if row else None
+                    self.position = await last_position(conn)
                     self._started = True
                 self._up.set()
                 while True:
@@ -266,11 +252,8 @@ class LiveFeed:
                     self.passes += 1
                     if waker.done():
                         waker.result()  # the LISTEN connection broke: reconnect both
-                    waiting = (await (await conn.execute(HELD_BACK)).fetchone() or (False,))[0]
-                    pause = (self.timings.horizon_poll_s if waiting
-                             else self.timings.fallback_poll_s)  # fmt: skip
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(pause):
+                        async with asyncio.timeout(self.timings.fallback_poll_s):
                             await self._wake.wait()
                     self._wake.clear()
             finally:
@@ -289,8 +272,7 @@ class LiveFeed:
                     changes = await changes_after(conn, self.position, self.timings.batch)
                 except LookupError:
                     self._lost_position()
-                    row = await (await conn.execute(_LAST)).fetchone()
-                    self.position = row[0] if row else None
+                    self.position = await last_position(conn)
                     return
                 if not changes:
                     return
@@ -315,9 +297,7 @@ class LiveFeed:
         for change in changes:
             texts: dict[tuple[frozenset[str], str], str | None] = {}
             for sub in subs:
-                if sub.skip_through is not None:
-                    if change.position == sub.skip_through:
-                        sub.skip_through = None
+                if sub.floor is not None and change.position <= sub.floor:
                     continue
                 key = sub.view_key
                 if key not in texts:
@@ -345,19 +325,14 @@ class LiveFeed:
                 sub.offer(message("ready", position=self.position))
                 self._add(sub)
             return sub
-        if not await self._order_keys(conn, [after]):
-            raise LookupError(f"no change at position {after}")
+        page = await changes_after(conn, after, self.timings.batch)  # LookupError: unknown
         await send(message("ready", position=after))
-        cursor = after
-        target = self.position
-        if target is not None and await self._before(conn, cursor, target):
-            cursor = await self._catch_up(conn, sub, cursor, target, send)
+        cursor = await self._catch_up(conn, sub, after, page, None, send)
         async with self._lock:
-            target = self.position
-            if target is not None and await self._before(conn, cursor, target):
-                cursor = await self._catch_up(conn, sub, cursor, target, None)
-            elif target is None or cursor != target:
-                sub.skip_through = cursor  # ahead of this server's reader
+            # the reader's stretch since: what it fanned out before this client was in
+            if self.position is not None and cursor < self.position:
+                cursor = await self._catch_up(conn, sub, cursor, None, self.position, None)
+            sub.floor = cursor
             self._add(sub)
         return sub
 
@@ -373,37 +348,24 @@ class LiveFeed:
         self._subscribers.discard(sub)
         FEED_CLIENTS.set(len(self._subscribers))
 
-    async def _order_keys(
-        self, conn: psycopg.AsyncConnection[Any], positions: Sequence[int]
-    ) -> dict[int, tuple[int, int]]:
-        cur = await conn.execute(_ORDER_KEYS, (list(positions),))
-        return {int(p): (int(x), int(p)) for p, x in await cur.fetchall()}
-
-    async def _before(self, conn: psycopg.AsyncConnection[Any], a: int, b: int) -> bool:
-        """Whether change ``a`` comes before change ``b`` in feed order."""
-        if a == b:
-            return False
-        keys = await self._order_keys(conn, [a, b])
-        if a not in keys or b not in keys:
-            raise LookupError(f"no change at position {a if a not in keys else b}")
-        return keys[a] < keys[b]
-
     async def _catch_up(
         self,
         conn: psycopg.AsyncConnection[Any],
         sub: Subscriber,
         cursor: int,
-        target: int,
+        page: list[Change] | None,
+        through: int | None,
         send: Callable[[str], Awaitable[None]] | None,
     ) -> int:
-        """The client's changes after ``cursor`` through ``target``, in feed order: sent
-        with ``send``, or offered to its outbox (under the reader's lock: no waiting)."""
-        while cursor != target:
-            changes = await changes_after(conn, cursor, self.timings.batch)
-            if not changes:
-                raise LookupError(f"change {target} is no longer in the log")
-            upto = next((i for i, c in enumerate(changes) if c.position == target), None)
-            page = changes if upto is None else changes[: upto + 1]
+        """The client's changes after ``cursor``, in order, through ``through`` (None: to
+        the end of the log), starting with ``page`` if read already: sent with ``send``,
+        or offered to its outbox (under the reader's lock: no waiting). Returns the last
+        position covered."""
+        while True:
+            if page is None:
+                page = await changes_after(conn, cursor, self.timings.batch)
+            if not page:
+                return cursor
             views = await views_by_key(conn, [sub.principal], (c.alert_id for c in page))
             mine = views.get(sub.view_key, {})
             for change in page:
@@ -416,7 +378,9 @@ class LiveFeed:
                 else:
                     sub.offer(text)
             cursor = page[-1].position
-        return cursor
+            if len(page) < self.timings.batch or (through is not None and cursor >= through):
+                return cursor
+            page = None
 
 
 # -- "displayed": the console showed these alerts to this person -------------------------

@@ -73,8 +73,10 @@ SELECT s.id, s.name, s.address,
        array(SELECT r.name FROM residents r WHERE r.site_id = s.id ORDER BY r.id) AS residents
 FROM sites s WHERE s.id = ANY(%s)
 """
+# The alert's newest position in the live feed (its commit_seq; gateway.alerts.feed).
 POSITIONS = """
-SELECT alert_id, max(position) FROM alert_changes WHERE alert_id = ANY(%s) GROUP BY alert_id
+SELECT alert_id, max(commit_seq) FROM alert_changes
+WHERE alert_id = ANY(%s) AND commit_seq IS NOT NULL GROUP BY alert_id
 """
 # A row whose notice no stage accounted for (a bug): looked at again after this.
 LOST_TRACK_DELAY = timedelta(minutes=1)

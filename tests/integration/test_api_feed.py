@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -25,7 +26,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
+from alerting.lifecycle import acknowledge
+from alerting.model import Channel, staff_actor
 from gateway.alerts.audit_verify import verify
+from gateway.alerts.feed import changes_after
+from gateway.alerts.feed import last_position as feed_last_position
+from gateway.alerts.unit_of_work import command
 from gateway.api import app as app_module
 from gateway.api.live import CLOSE_BEHIND, Closing, FeedTimings, LiveFeed, Subscriber
 from gateway.api.principal import load_principal
@@ -99,11 +105,9 @@ def in_scope_positions(dsn: str, site: str, after: int) -> list[int]:
     """Positions of the changes of ``site``'s alerts after ``after`` in feed order."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT c.position FROM alert_changes c JOIN alerts a ON a.id = c.alert_id,"
-            " (SELECT xid, position FROM alert_changes WHERE position = %s) last"
-            " WHERE a.site_id = %s AND (c.xid, c.position) > (last.xid, last.position)"
-            " ORDER BY c.xid, c.position",
-            (after, site),
+            "SELECT c.commit_seq FROM alert_changes c JOIN alerts a ON a.id = c.alert_id"
+            " WHERE a.site_id = %s AND c.commit_seq > %s ORDER BY c.commit_seq",
+            (site, after),
         ).fetchall()
     return [r[0] for r in rows]
 
@@ -329,32 +333,124 @@ async def joined(live: LiveFeed, dsn: str, staff: str, org: str) -> Subscriber:
         return await live.join(conn, me, None, nothing_sent_directly)
 
 
-async def test_a_change_held_behind_an_older_transaction_arrives_when_it_ends(
+async def test_a_change_committed_behind_an_open_transaction_is_shown_at_once(
     database: str,
 ) -> None:
-    """The feed shows a change only once every older transaction has ended (positions
-    commit out of order). Such a transaction may end without touching the log, so no
-    notification follows: the reader must look again by itself, not at its 30 s poll."""
+    """Forced: an acknowledgement's transaction inserts its change and stays open while a
+    later alert is taken in and committed. The later alert reaches the console at once
+    (nothing waits for the open transaction); the acknowledgement, committed last,
+    arrives after it with a higher position and is not lost."""
     seed_tenants(database)
+    (later,) = add_devices(database, "site-a", "wb-l", 1)
+    raise_event(database, "site-a", "wb-a", "sos")
+    await drain(database, T0)
+    alert_id = scalar(database, "SELECT id FROM alerts WHERE device_id = 'wb-a'")
     live = LiveFeed(database, FeedTimings(fallback_poll_s=30.0))
     await live.start()
     try:
         sub = await joined(live, database, "duty-a", "station-a")
         assert [json.loads(m)["type"] for m in await sub.next_messages(0)] == ["ready"]
-        with psycopg.connect(database) as older:
-            older.execute("SELECT pg_current_xact_id()")  # a transaction with an xid, open
-            raise_event(database, "site-a", "wb-a", "sos")
-            await drain(database, T0)  # committed, notified, yet behind the open one
-            passes = live.passes
-            await until(lambda: live.passes >= passes + 2, 10, "the reader to look twice")
-            assert await sub.next_messages(0) == [], "shown before an older transaction ended"
-            older.commit()  # ends without touching the log: no notification
-            ended = time.perf_counter()
-        got = await sub.next_messages(10)
-        assert [json.loads(m)["action"] for m in got] == ["opened", "escalated"]
-        assert time.perf_counter() - ended < 5, "waited for the fallback poll"
+        async with await psycopg.AsyncConnection.connect(database) as held:
+            async with held.transaction():
+                await command(held, alert_id, lambda a: acknowledge(staff_actor("duty-a"),
+                              Channel.CONSOLE), T0 + timedelta(seconds=20))  # fmt: skip
+                cur = await held.execute("SELECT position FROM alert_changes"
+                                         " WHERE action = 'acknowledged'")  # fmt: skip
+                (inserted_at,) = await cur.fetchone() or (None,)
+                raise_event(database, "site-a", later, "sos")
+                await drain(database, T0 + timedelta(seconds=21))
+                got = await received(sub, 2)
+                assert [(m["alert"]["device_id"], m["action"]) for m in got] == [
+                    (later, "opened"), (later, "escalated")]  # fmt: skip
+                inserted_after = scalar(database, "SELECT min(position) FROM alert_changes"
+                                        " WHERE alert_id = %s", (got[0]["alert_id"],))  # fmt: skip
+                assert inserted_at is not None and inserted_after > inserted_at  # the interleaving
+            acked = await received(sub, 1)
+        assert [(m["alert_id"], m["action"]) for m in acked] == [(str(alert_id), "acknowledged")]
+        assert acked[0]["position"] > got[-1]["position"]
+        assert await sub.next_messages(0) == []
     finally:
         await live.stop()
+
+
+async def received(sub: Subscriber, n: int, within_s: float = 10) -> list[Message]:
+    """The next ``n`` messages of a subscriber's outbox (fails on a deadline)."""
+    got: list[Message] = []
+    async with asyncio.timeout(within_s):
+        while len(got) < n:
+            got += [json.loads(m) for m in await sub.next_messages(within_s)]
+    assert len(got) == n, got
+    return got
+
+
+HOLD_IN_COMMIT = """
+CREATE FUNCTION test_hold_in_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('test.hold_in_commit', true) = 'on' THEN
+        PERFORM pg_advisory_xact_lock(%(key)s);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER zz_test_hold_in_commit AFTER INSERT ON alert_changes
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_hold_in_commit();
+"""
+FORGED = ("INSERT INTO alert_changes (alert_id, seq, time, action, alert)"
+          " VALUES (gen_random_uuid(), 1, now(), 'opened', '{}')")  # fmt: skip
+WAITING_ON = """
+SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND NOT granted AND locktype = 'advisory'
+               AND objid = %s AND objsubid = 1)
+"""
+FEED_LOCK = 0x66656564  # the key of migration 0007's numbering lock
+
+
+async def test_a_change_is_numbered_only_after_the_one_committing_before_it_is_visible(
+    database: str,
+) -> None:
+    """Forced: T1 is held inside its COMMIT after its change was numbered (a deferred
+    trigger of the test's, named to fire after the numbering, waits on a lock the test
+    holds), and T2 commits a change meanwhile. T2 must wait for T1 to become visible: a
+    T2 numbered higher and visible first would let a reader pass T1's number for good.
+    Fails when the numbering trigger is gone, numbers at insert, or lets go of its lock
+    before the commit ends."""
+    test_key = 4242
+    async with (
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as control,
+        await psycopg.AsyncConnection.connect(database) as t1,
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as t2,
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as reader,
+    ):
+        await control.execute(HOLD_IN_COMMIT % {"key": test_key})
+        await control.execute("SELECT pg_advisory_lock(%s)", (test_key,))
+        before = await feed_last_position(reader)
+        await t1.execute("SET LOCAL test.hold_in_commit = 'on'")
+        await t1.execute(FORGED)
+        cur = await t1.execute("SELECT pg_current_xact_id()::text")
+        (t1_xid,) = await cur.fetchone() or ("",)
+        t1_pid, t2_pid = t1.info.backend_pid, t2.info.backend_pid
+        committing = asyncio.create_task(t1.commit())
+        second: asyncio.Task[Any] | None = None
+
+        def pid_waits_on(pid: int, key: int) -> bool:
+            return bool(scalar(database, WAITING_ON, (pid, key)))
+
+        try:
+            await until(lambda: pid_waits_on(t1_pid, test_key), 10,
+                        "T1 held in its commit, its change numbered")  # fmt: skip
+            second = asyncio.create_task(t2.execute(FORGED))
+            await until(lambda: second.done() or pid_waits_on(t2_pid, FEED_LOCK), 10,
+                        "T2 committed or waiting")  # fmt: skip
+            assert not second.done(), "T2 committed a change while T1 was still mid-commit"
+            assert await changes_after(reader, before) == []  # neither is visible yet
+        finally:
+            await control.execute("SELECT pg_advisory_unlock(%s)", (test_key,))
+            await asyncio.wait_for(committing, 10)
+            if second is not None:
+                await asyncio.wait_for(second, 10)
+        both = await changes_after(reader, before)
+        assert len(both) == 2 and both[0].position < both[1].position
+        first_xid = scalar(database, "SELECT xid::text FROM alert_changes WHERE commit_seq = %s",
+                           (both[0].position,))  # fmt: skip
+        assert first_xid == t1_xid
 
 
 async def test_a_slow_client_is_closed_and_neither_holds_the_reader_nor_grows(
@@ -389,16 +485,15 @@ async def test_a_slow_client_is_closed_and_neither_holds_the_reader_nor_grows(
 
 def last_position(dsn: str) -> int:
     """The last change in feed order."""
-    return int(scalar(dsn, "SELECT position FROM alert_changes ORDER BY xid DESC, position DESC"
-                           " LIMIT 1"))  # fmt: skip
+    return int(scalar(dsn, "SELECT max(commit_seq) FROM alert_changes"))
 
 
 def changes_of(dsn: str, device: str) -> list[int]:
     """Positions of the changes of ``device``'s alert, in feed order."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
-            "SELECT c.position FROM alert_changes c JOIN alerts a ON a.id = c.alert_id"
-            " WHERE a.device_id = %s ORDER BY c.xid, c.position", (device,)
+            "SELECT c.commit_seq FROM alert_changes c JOIN alerts a ON a.id = c.alert_id"
+            " WHERE a.device_id = %s ORDER BY c.commit_seq", (device,)
         ).fetchall()  # fmt: skip
     return [r[0] for r in rows]
 
@@ -453,29 +548,37 @@ async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
     database: str,
 ) -> None:
     """A position this server's reader has not reached yet (the client came from a server
-    that is ahead): nothing up to it is sent again, everything after it is."""
+    that is ahead): nothing up to it is sent again, everything after it is. The reader
+    is kept behind by committing without its notification (the wake trigger disabled)
+    while its fallback poll is 30 s."""
     seed_tenants(database)
-    live = LiveFeed(database)
+    live = LiveFeed(database, FeedTimings(fallback_poll_s=30.0))
     await live.start()
     try:
-        with psycopg.connect(database) as older:
-            older.execute("SELECT pg_current_xact_id()")  # holds every reader back
-            raise_event(database, "site-a", "wb-a", "sos")
-            await drain(database, T0)
-            opened, escalated = changes_of(database, "wb-a")
-            async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-                me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
-                sent: list[str] = []
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("ALTER TABLE alert_changes DISABLE TRIGGER alert_changes_wake")
+        raise_event(database, "site-a", "wb-a", "sos")
+        await drain(database, T0)
+        opened, escalated = changes_of(database, "wb-a")
+        assert live.position is None  # the reader has not read them
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            sent: list[Message] = []
 
-                async def send(text: str) -> None:
-                    sent.append(text)
+            async def send(text: str) -> None:
+                sent.append(json.loads(text))
 
-                sub = await live.join(conn, me, opened, send)
-            assert [json.loads(m) for m in sent] == [{"type": "ready", "position": opened}]
-            assert sub.skip_through == opened
-            older.commit()
-        got = [json.loads(m) for m in await sub.next_messages(10)]
-        assert [m["position"] for m in got] == [escalated]
+            sub = await live.join(conn, me, opened, send)
+        assert [(m["type"], m["position"]) for m in sent] == [("ready", opened),
+                                                               ("change", escalated)]
+        assert sub.floor == escalated and live.position is None
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("ALTER TABLE alert_changes ENABLE TRIGGER alert_changes_wake")
+        raise_event(database, "site-a", "wb-a", "fall")
+        await drain(database, T0)
+        got = await received(sub, 2)
+        assert [m["position"] for m in got] == changes_of(database, "wb-a")[2:]
+        assert live.position == last_position(database)
     finally:
         await live.stop()
 
@@ -513,7 +616,7 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
     try:
         before = await joined(live, database, "duty-a", "station-a")
         with psycopg.connect(database) as conn:  # as a retention job might
-            conn.execute("DELETE FROM alert_changes WHERE position = %s", (live.position,))
+            conn.execute("DELETE FROM alert_changes WHERE commit_seq = %s", (live.position,))
         raise_event(database, "site-a", "wb-a", "fall")
         await drain(database, T0)
         with pytest.raises(Closing) as closing:
@@ -580,8 +683,8 @@ async def test_a_client_that_reads_nothing_is_let_go_and_holds_up_no_one(
                 await until(lambda: live.clients == 1, 10, "the stuck client handler ended")
                 final = last_position(database)
                 await console.until(lambda m: m.get("position") == final, within_s=30)
-                everything = [r[0] for r in rows(database, "SELECT position FROM alert_changes"
-                                                           " ORDER BY xid, position")]  # fmt: skip
+                everything = [r[0] for r in rows(database, "SELECT commit_seq FROM alert_changes"
+                                                           " ORDER BY commit_seq")]  # fmt: skip
                 assert [m["position"] for m in console.changes()] == everything
                 print(f"the stuck client was let go after {raised} alerts")
         finally:

@@ -303,8 +303,9 @@ async def test_district_collector_counts_a_change_committed_late_exactly_once(
     database: str,
 ) -> None:
     """An acknowledgement whose transaction commits after a later alert opened: a reader
-    that followed positions would pass it and never count it. The collector waits for
-    it, then counts it once — and a second server's collector has the same figures."""
+    that followed insert positions would pass it and never count it. In commit order the
+    later opening counts at once and the acknowledgement, numbered at its commit, after
+    it, once — and a second server's collector has the same figures."""
     import_district(database, District.model_validate(DISTRICT))
     ingest(database, "site-a", "wb-1", "sos")
     assert await drain(database, T0) == 1
@@ -341,8 +342,10 @@ async def test_district_collector_counts_a_change_committed_late_exactly_once(
             "SELECT max(position) FROM alert_changes WHERE action = 'opened'",
         )
         assert ack_position is not None and opened_later > ack_position
-        assert figures() == (1, 0)  # neither: the later opening waits behind it
+        assert figures() == (2, 0)  # the later opening, committed; not the open ack
     # committed now
+    order = "SELECT commit_seq FROM alert_changes WHERE action = %s ORDER BY commit_seq DESC"
+    assert scalar(database, order, ("acknowledged",)) > scalar(database, order, ("opened",))
     assert figures() == (2, 1)
     assert figures() == (2, 1)  # read once, never again
     second_server = DistrictCollector(database, cache_s=0)

@@ -13,7 +13,8 @@ Protocol (the console is built against exactly this):
   "action", "alert"}`` — ``alert`` as ``GET /api/alerts/{id}`` gives it, without the
   timeline, masked as for this caller, read when the message is built (so at least as
   new as the change; changes may arrive out of ``seq`` order within an alert, hence the
-  highest-``seq`` rule). Resume from the last ``position`` received.
+  highest-``seq`` rule). Resume from the last ``position`` received: positions grow
+  in the order the changes committed (``gateway.alerts.feed``), not necessarily by one.
 * server: ``{"type": "reset"}`` then close 4410 for a position it does not know (reload).
   ``{"type": "ping"}`` every 20 s (credentials are checked again then: an expired token
   or a disabled account closes 4401); the client may answer ``{"type": "pong"}``.
