@@ -175,6 +175,8 @@ class Directory:
         cur = await self.conn.execute(_UNIT_PATHS, (missing,))
 
         async def finish() -> None:
+            if all(s in self._paths for s in missing):
+                return  # read already: a second await changes nothing
             paths: dict[str, list[Unit]] = {s: [] for s in missing}
             for site_id, *unit in await cur.fetchall():
                 paths[site_id].append(Unit(*unit))

@@ -277,11 +277,11 @@ async def intake_batch(
         rows.sort(key=lambda r: (_lock_order(r), r["id"]))
         tx = PgAlertTransaction(conn, worker)
         directory = Directory(conn, await book())
-        await directory.preload([r["site_id"] for r in rows])
+        paths = await directory.request_paths([r["site_id"] for r in rows])
         together = Outcome()
         try:
             async with conn.transaction():  # a savepoint: the whole batch at once
-                await _apply_rows_together(conn, tx, directory, rows, now, together)
+                await _apply_rows_together(conn, tx, directory, paths, rows, now, together)
             _merge(out, together)
         except psycopg.OperationalError:
             raise
@@ -291,6 +291,7 @@ async def intake_batch(
             # dead-lettered alone.
             log.info("inbox batch applied one event at a time: %s", exc)
             tx.forget()
+            await paths()
             for row in rows:
                 await _apply_row(conn, tx, directory, row, now, out)
         out.events += len(rows)
@@ -313,6 +314,7 @@ async def _apply_rows_together(
     conn: psycopg.AsyncConnection[Any],
     tx: PgAlertTransaction,
     directory: Directory,
+    paths: Finish[None],
     rows: Sequence[dict[str, Any]],
     now: datetime,
     out: Outcome,
@@ -329,7 +331,8 @@ async def _apply_rows_together(
         except (ValueError, KeyError) as exc:
             await _dead_letter(conn, row, exc, out)
     keys = sorted({k for _, _, ks in events for k in ks})
-    open_by_key = dict(await tx.lock_open(keys))
+    open_by_key = dict(await tx.lock_open(keys))  # answered with the unit paths sent before
+    await paths()
     recorded = await tx.fired_steps_of([a.id for a in open_by_key.values()])
     fired_now: dict[uuid.UUID, set[StepKey]] = {}
 
