@@ -27,6 +27,16 @@ INGEST_BATCH_SECONDS = Histogram(
     "time to make one batch durable",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+INGEST_BATCH_MESSAGES = Histogram(
+    "eldersafe_ingest_batch_messages",
+    "messages in one committed ingest batch (1 when quiet, thousands under a backlog)",
+    buckets=(1, 2, 5, 10, 50, 100, 500, 1000, 2500, 5000, 8192),
+)
+INGEST_LAG = Histogram(
+    "eldersafe_ingest_lag_seconds",
+    "from the arrival of a batch's first (oldest) message to its commit and acknowledgement",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 INGEST_STORE_ERRORS = Counter(
     "eldersafe_ingest_store_errors_total", "failed batch writes (retried)"
 )

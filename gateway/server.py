@@ -128,7 +128,9 @@ async def serve(settings: Settings) -> None:
         )
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     store = IngestStore(settings.database_url)
-    pipeline = IngestPipeline(store)
+    # device events on a connection of their own: never behind a telemetry COPY in flight
+    alarm_store = IngestStore(settings.database_url)
+    pipeline = IngestPipeline(store, alarm_store=alarm_store)
     incidents: asyncio.Queue[SessionIncident] = asyncio.Queue()
     # the broker names the session after the account (use_username_as_clientid)
     client_id = settings.mqtt_username
@@ -175,6 +177,7 @@ async def serve(settings: Settings) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
         await consumer.close()
         await store.close()
+        await alarm_store.close()
 
 
 def run_server(settings: Settings) -> None:

@@ -161,6 +161,7 @@ class Batch:
     raw: list[tuple[str, bytes, bool]] = field(default_factory=list)  # to isolate a poison one
     messages: int = 0
     ignored: int = 0
+    arrived: float = 0.0  # monotonic time its first message was read (the ingest lag)
 
     def __bool__(self) -> bool:
         return self.messages > 0
@@ -191,6 +192,16 @@ class Classifier:
             if type(t) is DeviceTopic and t.channel is Channel.TELEMETRY:
                 self._telemetry[topic] = (t.site, fields)
         return cached
+
+    def is_event(self, topic: str) -> bool:
+        """Whether ``topic`` is a device's event channel (the alarm path); never raises."""
+        if topic in self._telemetry:  # the bulk of the traffic answers here
+            return False
+        try:
+            t = self._topic(topic)[0]
+        except Exception:  # a bad topic is a dead letter of the bulk lane
+            return False
+        return type(t) is DeviceTopic and t.channel is Channel.EVENT
 
     def _text(self, value: str) -> bytes:
         field_ = self._texts.get(value)

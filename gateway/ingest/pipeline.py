@@ -8,6 +8,12 @@ parsing and writing overlap instead of taking turns. A message is acknowledged
 to the broker only after its batch committed. While the database is down the
 batch is retried with backoff and reading pauses at a high-water mark, so the
 broker keeps the rest in the persistent session.
+
+Device events (sos, fall, smoke …: the alarm path) travel in a lane of their
+own with its own store and connection: an event is committed at once, not
+behind a telemetry COPY of thousands of rows in flight (issue 7's device →
+alert latency). Each lane acknowledges only the packet ids of its own
+committed batches (a PUBACK names its packet id; order between lanes is free).
 """
 
 from __future__ import annotations
@@ -44,15 +50,27 @@ def transient(exc: BaseException) -> bool:
     return False
 
 
+class _Lane:
+    """Batches of one kind of traffic and the store that writes them, one at a time."""
+
+    def __init__(self, store: IngestStore) -> None:
+        self.store = store
+        self.batch = Batch()
+        self.closed: deque[Batch] = deque()  # full batches waiting for the writer
+        self.wake = asyncio.Event()
+
+
 class IngestPipeline:
     def __init__(
         self,
         store: IngestStore,
         *,
+        alarm_store: IngestStore | None = None,
         high_water: int = 100_000,
         batch_messages: int = 8192,
         batch_rows: int = 50_000,
     ) -> None:
+        """``alarm_store``: a store of its own for device events (None: one lane for all)."""
         self.store = store
         self.classifier = Classifier()
         # Reading pauses at this many messages not yet durable. QoS 1 never gets there:
@@ -65,9 +83,8 @@ class IngestPipeline:
         self.batch_messages = batch_messages
         self.batch_rows = batch_rows
         self.consumer: MqttConsumer | None = None
-        self._batch = Batch()
-        self._closed: deque[Batch] = deque()  # full batches waiting for the writer
-        self._wake = asyncio.Event()
+        self._bulk = _Lane(store)
+        self._alarm = _Lane(alarm_store) if alarm_store is not None else None
         self._pending = 0
         self.batches_written = 0
         self.acked = 0  # messages made durable and acknowledged (a figure for bench and tests)
@@ -77,10 +94,15 @@ class IngestPipeline:
 
     # Called from the socket read path for every PUBLISH: must never raise.
     def on_publish(self, epoch: int, pub: Publish) -> None:
-        batch = self._batch
+        lane = self._bulk
+        if self._alarm is not None and self.classifier.is_event(pub.topic):
+            lane = self._alarm
+        batch = lane.batch
         if batch.messages >= self.batch_messages or batch.telemetry_rows >= self.batch_rows:
-            self._closed.append(batch)
-            batch = self._batch = Batch()
+            lane.closed.append(batch)
+            batch = lane.batch = Batch()
+        if not batch.messages:
+            batch.arrived = time.monotonic()
         try:
             self.classifier.add(batch, pub.topic, pub.payload, pub.dup)
         except Exception as exc:
@@ -93,27 +115,31 @@ class IngestPipeline:
         self._pending += 1
         if self._pending >= self.high_water and self.consumer is not None:
             self.consumer.pause()
-        self._wake.set()
+        lane.wake.set()
 
     async def run(self) -> None:
         """Write batches until cancelled; no message and no database error ends it."""
+        lanes = [self._bulk] if self._alarm is None else [self._alarm, self._bulk]
+        await asyncio.gather(*(self._write_lane(lane) for lane in lanes))
+
+    async def _write_lane(self, lane: _Lane) -> None:
         while True:
-            if self._closed:
-                batch = self._closed.popleft()
-            elif self._batch:
-                batch, self._batch = self._batch, Batch()
+            if lane.closed:
+                batch = lane.closed.popleft()
+            elif lane.batch:
+                batch, lane.batch = lane.batch, Batch()
             else:
-                await self._wake.wait()
-                self._wake.clear()
+                await lane.wake.wait()
+                lane.wake.clear()
                 continue
-            await self._commit(batch)
+            await self._commit(lane.store, batch)
             self._acknowledge(batch)
 
-    async def _commit(self, batch: Batch) -> None:
+    async def _commit(self, store: IngestStore, batch: Batch) -> None:
         """Make the batch durable; a message the database refuses becomes a dead letter."""
         started = time.perf_counter()
         try:
-            await self._write_until_durable(batch)
+            await self._write_until_durable(store, batch)
         except Exception as exc:
             metrics.INGEST_STORE_ERRORS.inc()
             log.error(
@@ -122,7 +148,7 @@ class IngestPipeline:
                 type(exc).__name__,
                 exc,
             )
-            batch.dead = await self._isolate(batch.raw)
+            batch.dead = await self._isolate(store, batch.raw)
         elapsed = time.perf_counter() - started
         metrics.INGEST_BATCH_SECONDS.observe(elapsed)
         if log.isEnabledFor(logging.DEBUG):
@@ -131,7 +157,9 @@ class IngestPipeline:
                 batch.messages, batch.telemetry_rows, elapsed * 1000, self._pending,
             )  # fmt: skip
 
-    async def _isolate(self, raw: list[tuple[str, bytes, bool]]) -> list[DeadLetter]:
+    async def _isolate(
+        self, store: IngestStore, raw: list[tuple[str, bytes, bool]]
+    ) -> list[DeadLetter]:
         """Write ``raw`` in halves until each refused message stands alone as a dead letter.
 
         Bisecting costs about 2·log2(n) extra transactions per poison message,
@@ -145,7 +173,7 @@ class IngestPipeline:
             for topic, payload, dup in part:
                 self.classifier.add(sub, topic, payload, dup)
             try:
-                await self._write_until_durable(sub)
+                await self._write_until_durable(store, sub)
                 dead.extend(sub.dead)
                 continue
             except Exception as exc:
@@ -161,17 +189,17 @@ class IngestPipeline:
                     topic, payload, f"refused on writing: {type(exc).__name__}: {exc}"[:1000],
                     kind, dup,
                 )  # fmt: skip
-            await self._write_dead_letter(letter)
+            await self._write_dead_letter(store, letter)
             dead.append(letter)
         return dead
 
-    async def _write_dead_letter(self, letter: DeadLetter) -> None:
+    async def _write_dead_letter(self, store: IngestStore, letter: DeadLetter) -> None:
         """A dead letter must be stored before its message is acknowledged; never give up."""
         backoff = 0.1
         attempt = letter
         while True:
             try:
-                await self._write_until_durable(Batch(dead=[attempt]))
+                await self._write_until_durable(store, Batch(dead=[attempt]))
                 return
             except Exception as exc:
                 metrics.INGEST_STORE_ERRORS.inc()
@@ -184,12 +212,12 @@ class IngestPipeline:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _write_until_durable(self, batch: Batch) -> None:
+    async def _write_until_durable(self, store: IngestStore, batch: Batch) -> None:
         """Retry while the database is unreachable; raise what retrying cannot cure."""
         backoff = 0.1
         while True:
             try:
-                await self.store.write(batch)
+                await store.write(batch)
                 return
             except Exception as exc:
                 if not transient(exc):
@@ -209,6 +237,9 @@ class IngestPipeline:
         self._pending -= batch.messages
         metrics.INGEST_PENDING.set(self._pending)
         metrics.INGEST_MESSAGES.inc(batch.messages)
+        metrics.INGEST_BATCH_MESSAGES.observe(batch.messages)
+        if batch.arrived:
+            metrics.INGEST_LAG.observe(time.monotonic() - batch.arrived)
         metrics.INGEST_TELEMETRY_ROWS.inc(batch.telemetry_rows)
         metrics.INGEST_EVENTS.inc(len(batch.events))
         for letter in batch.dead:

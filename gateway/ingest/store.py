@@ -156,7 +156,8 @@ class IngestStore:
             self._registered = frozenset(str(r[0]) for r in cur.fetchall())
             self._registered_at = now
             missing = [s for s in sites if s not in self._registered]
-        return [(s, sites[s]) for s in missing]
+        # in site order: two lanes' transactions then lock shared rows in one order
+        return [(s, sites[s]) for s in sorted(missing)]
 
     def _write(self, batch: Batch) -> int:
         """One transaction; returns the messages of unregistered sites it stored."""
