@@ -245,7 +245,7 @@ async def test_the_console_resumes_from_its_position_renews_its_token_and_taps_o
                                 datetime.now(UTC))
         first = page.locator('.alert-card[data-type="sos"]')
         await first.wait_for(timeout=10_000)
-        position = scalar(database, "SELECT max(position) FROM alert_changes")
+        position = scalar(database, "SELECT max(commit_seq) FROM alert_changes")
 
         # The server stops; a fall is raised and its alert opened meanwhile (the engine's
         # intake in this process), so only a resume from the position can bring it.
