@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from test_alert_engine import ingest
 
 from gateway.alerts.district import District, import_district
 from gateway.api.app import create_app
@@ -67,16 +68,6 @@ TENANTS: dict[str, Any] = {
     ],
 }  # fmt: skip
 
-INGEST_EVENT = """
-WITH fresh AS (
-    INSERT INTO event_ledger (event_id, time) VALUES (%s, %s)
-    ON CONFLICT (event_id) DO NOTHING RETURNING event_id
-)
-INSERT INTO device_events (event_id, time, site_id, device_id, type, phase, profile, data)
-SELECT event_id, %s, %s, %s, %s, %s, 'es-wb1', '{}'::jsonb FROM fresh
-"""
-
-
 def seed_tenants(dsn: str, at: datetime = T0) -> None:
     """The district, every person's password, and the engine clock at ``at``."""
     import_district(dsn, District.model_validate(TENANTS))
@@ -92,10 +83,7 @@ def seed_tenants(dsn: str, at: datetime = T0) -> None:
 def raise_event(dsn: str, site: str, device: str, kind: str = "sos",
                 at: datetime = T0) -> uuid.UUID:
     """An event as ingest commits it (the engine inbox trigger queues it)."""
-    event_id = uuid.uuid4()
-    with psycopg.connect(dsn) as conn:
-        conn.execute(INGEST_EVENT, (event_id, at, at, site, device, kind, "pulse"))
-    return event_id
+    return ingest(dsn, site, device, kind, "pulse", at)
 
 
 def test_settings(dsn: str, **extra: Any) -> Settings:
