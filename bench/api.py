@@ -43,6 +43,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ from gateway.local.ports import free_port  # noqa: E402
 
 SECRET = "bench-api-token-secret-0123456789abcdef"
 SITES = 10
-CHANGE_PREFIX = '{"type":"change","position":'  # gateway.api.live.change_message's start
+CHANGES_PREFIX = '{"type":"changes",'  # gateway.api.live.changes_message's start
 INGEST_EVENT = """
 WITH fresh AS (
     INSERT INTO event_ledger (event_id, time) VALUES (%s, %s)
@@ -120,10 +121,12 @@ def token(staff: str) -> str:
     return issue_token(SECRET, staff, 0, timedelta(hours=2))[0]
 
 
-def position_of(text: str) -> int | None:
-    if not text.startswith(CHANGE_PREFIX):
-        return None
-    return int(text[len(CHANGE_PREFIX) : text.index(",", len(CHANGE_PREFIX))])
+def changes_of(text: str) -> list[dict[str, Any]]:
+    """The changes of a ``changes`` frame ([] for any other frame)."""
+    if not text.startswith(CHANGES_PREFIX):
+        return []
+    changes: list[dict[str, Any]] = orjson.loads(text)["changes"]
+    return changes
 
 
 # -- worker processes ---------------------------------------------------------------------
@@ -152,11 +155,9 @@ async def console_worker(host: str, who: list[str], out: Path) -> None:
             async for text in ws:
                 now = time.time()
                 assert isinstance(text, str)
-                pos = position_of(text)
-                if pos is None:
-                    continue
-                mine.append((pos, now))
-                if pos == final:
+                positions = [c["position"] for c in changes_of(text)]
+                mine += [(pos, now) for pos in positions]
+                if final in positions:
                     seen_final += 1
                     if seen_final == len(who):
                         final_seen.set()
@@ -297,17 +298,14 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
             async for text in ws:
                 now = time.time()
                 assert isinstance(text, str)
-                pos = position_of(text)
-                if pos is None:
-                    continue
-                my_arrivals.append((pos, now))
-                if final and pos == final[0]:
-                    final_seen.set()
-                msg = json.loads(text)
-                if msg["action"] == "opened":
-                    shown.put_nowait(msg["alert_id"])
-                elif msg["action"] == "acknowledged" and msg["alert_id"] in acked_at:
-                    ack_rtt.append((time.perf_counter() - acked_at.pop(msg["alert_id"])) * 1e3)
+                for msg in changes_of(text):
+                    my_arrivals.append((msg["position"], now))
+                    if final and msg["position"] == final[0]:
+                        final_seen.set()
+                    if msg["action"] == "opened":
+                        shown.put_nowait(msg["alert_id"])
+                    elif msg["action"] == "acknowledged" and msg["alert_id"] in acked_at:
+                        ack_rtt.append((time.perf_counter() - acked_at.pop(msg["alert_id"])) * 1e3)
 
         async def acknowledge() -> None:
             while not done.is_set():

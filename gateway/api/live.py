@@ -17,16 +17,23 @@ its floor, and every change up to the floor came from the catch-up. A client who
 position is ahead of this server's reader (it came from a faster server) simply has
 that position as its floor.
 
+Why one frame per batch: a read's changes go to a client as ONE ``changes`` message,
+encoded once per (scope, masking tier) and shared by every client of that key. Each
+WebSocket frame costs the one event loop a pass through Starlette, uvicorn and the
+framing; one frame per change per client was 20,000 frames/s at 200 consoles and 50
+alerts/s (bench/README.md, api.py). A busy loop reads bigger batches, so the frame rate
+falls as the load rises.
+
 Why a bounded outbox per client: the reader never waits on a client. A client whose
-outbox is full is closed with a reason and reconnects from its last position, so a slow
-phone costs at most ``outbox_limit`` messages of memory and never delays the others.
+outbox holds more than ``outbox_limit`` changes is closed with a reason and reconnects
+from its last position, so a slow phone costs bounded memory and never delays the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
@@ -71,12 +79,19 @@ CLOSE_RESTART = 1012  # the server is stopping: reconnect (to any server) with t
 
 
 def message(kind: str, **fields: Any) -> str:
-    return json.dumps({"type": kind, **fields}, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps({"type": kind, **fields}).decode()
 
 
-def change_message(change: Change, alert: dict[str, Any]) -> str:
-    return message("change", position=change.position, alert_id=str(change.alert_id),
-                   seq=change.seq, action=change.action, alert=alert)  # fmt: skip
+def change_element(change: Change, alert: orjson.Fragment) -> bytes:
+    """One change as the protocol's ``change`` object, its view already encoded."""
+    return orjson.dumps({"type": "change", "position": change.position,
+                         "alert_id": str(change.alert_id), "seq": change.seq,
+                         "action": change.action, "alert": alert})  # fmt: skip
+
+
+def changes_message(elements: Sequence[bytes]) -> str:
+    """The ``changes`` frame of already encoded elements (joined, not encoded again)."""
+    return (b'{"type":"changes","changes":[' + b",".join(elements) + b"]}").decode()
 
 
 class Closing(Exception):
@@ -100,6 +115,7 @@ class Subscriber:
         self.closing: Closing | None = None
         self.closed = asyncio.Event()  # set with ``closing``
         self._outbox: deque[str] = deque()
+        self._queued = 0  # changes in the outbox (what ``limit`` bounds)
         self._ready = asyncio.Event()
 
     @property
@@ -107,15 +123,17 @@ class Subscriber:
         """Everything a view depends on besides the alert (scope and masking tier)."""
         return (self.principal.units, self.principal.organisation_kind)
 
-    def offer(self, text: str) -> bool:
-        """Queue ``text`` without waiting; a full outbox closes the client instead."""
+    def offer(self, text: str, changes: int = 1) -> bool:
+        """Queue ``text`` (holding ``changes`` changes) without waiting; an outbox that
+        would hold more than ``limit`` changes closes the client instead."""
         if self.closing is not None:
             return False
-        if len(self._outbox) >= self.limit:
+        if self._queued and self._queued + changes > self.limit:
             self.close(CLOSE_BEHIND, "too far behind: reconnect with your last position")
             FEED_CLOSED.labels("behind").inc()
             return False
         self._outbox.append(text)
+        self._queued += changes
         self._ready.set()
         return True
 
@@ -123,6 +141,7 @@ class Subscriber:
         if self.closing is None:
             self.closing = Closing(code, reason, last)
             self._outbox.clear()  # nothing more goes out: free the memory now
+            self._queued = 0
             self.closed.set()
         self._ready.set()
 
@@ -138,10 +157,11 @@ class Subscriber:
             raise self.closing
         out = list(self._outbox)
         self._outbox.clear()
+        self._queued = 0
         return out
 
 
-Views = dict[uuid.UUID, dict[str, Any]]
+Views = dict[uuid.UUID, orjson.Fragment]  # each alert's view, JSON-encoded once
 
 
 async def views_by_key(
@@ -149,7 +169,7 @@ async def views_by_key(
     principals: Sequence[Principal],
     ids: Iterable[uuid.UUID],
 ) -> dict[tuple[frozenset[str], str], Views]:
-    """The JSON views of ``ids`` for each distinct (scope, tier) of ``principals``, from one
+    """The encoded views of ``ids`` for each distinct (scope, tier) of ``principals``, from one
     query (``views.ALERT_SELECT`` over the union of their units); an alert outside a key's
     scope is absent from that key's views."""
     wanted = sorted(set(ids))
@@ -165,17 +185,43 @@ async def views_by_key(
         )
         rows = await cur.fetchall()
     return {
-        key: {r["id"]: view_from_row(p, r).model_dump(mode="json")
+        key: {r["id"]: orjson.Fragment(view_from_row(p, r).model_dump_json())
               for r in rows if r["unit_id"] in key[0]}
         for key, p in by_key.items()
     }  # fmt: skip
+
+
+class KeyBatch:
+    """One read's changes as one (scope, tier) sees them: each element encoded once, and
+    the ``changes`` frame from a given element on built once and shared by every client
+    of the key (clients differ only in their floor, set when they joined)."""
+
+    def __init__(self, changes: Sequence[Change], views: Views) -> None:
+        self.positions: list[int] = []
+        self.elements: list[bytes] = []
+        for change in changes:
+            alert = views.get(change.alert_id)
+            if alert is not None:
+                self.positions.append(change.position)
+                self.elements.append(change_element(change, alert))
+        self._messages: dict[int, str | None] = {}
+
+    def start_above(self, floor: int) -> int:
+        return bisect.bisect_right(self.positions, floor)
+
+    def message_from(self, start: int) -> str | None:
+        """The frame of the elements from ``start`` on (None: nothing for this client)."""
+        if start not in self._messages:
+            rest = self.elements[start:]
+            self._messages[start] = changes_message(rest) if rest else None
+        return self._messages[start]
 
 
 @dataclass(frozen=True, slots=True)
 class FeedTimings:
     batch: int = 500  # changes read per query
     fallback_poll_s: float = 5.0  # a lost notification costs at most this
-    # Messages queued per client before it is closed as too slow; above ``batch``, since a
+    # Changes queued per client before it is closed as too slow; above ``batch``, since a
     # read offers its whole batch at once. Clients of one scope and tier share each
     # message's string, so a slow client holds references, not copies.
     outbox_limit: int = 1000
@@ -294,19 +340,14 @@ class LiveFeed:
             return
         views = await views_by_key(conn, [s.principal for s in subs],
                                    (c.alert_id for c in changes))  # fmt: skip
+        batches = {key: KeyBatch(changes, mine) for key, mine in views.items()}
         offered = 0  # counted once per batch: a counter call per frame shows in profiles
-        for change in changes:
-            texts: dict[tuple[frozenset[str], str], str | None] = {}
-            for sub in subs:
-                if sub.floor is not None and change.position <= sub.floor:
-                    continue
-                key = sub.view_key
-                if key not in texts:
-                    alert = views.get(key, {}).get(change.alert_id)
-                    texts[key] = None if alert is None else change_message(change, alert)
-                text = texts[key]
-                if text is not None and sub.offer(text):
-                    offered += 1
+        for sub in subs:
+            batch = batches[sub.view_key]
+            start = 0 if sub.floor is None else batch.start_above(sub.floor)
+            text = batch.message_from(start)
+            if text is not None and sub.offer(text, len(batch.elements) - start):
+                offered += len(batch.elements) - start
         FEED_MESSAGES.inc(offered)
 
     # -- a client joining ------------------------------------------------------------
@@ -369,16 +410,13 @@ class LiveFeed:
             if not page:
                 return cursor
             views = await views_by_key(conn, [sub.principal], (c.alert_id for c in page))
-            mine = views.get(sub.view_key, {})
-            for change in page:
-                alert = mine.get(change.alert_id)
-                if alert is None:
-                    continue
-                text = change_message(change, alert)
+            batch = KeyBatch(page, views.get(sub.view_key, {}))
+            text = batch.message_from(0)
+            if text is not None:
                 if send is not None:
                     await send(text)
                 else:
-                    sub.offer(text)
+                    sub.offer(text, len(batch.elements))
             cursor = page[-1].position
             if len(page) < self.timings.batch or (through is not None and cursor >= through):
                 return cursor

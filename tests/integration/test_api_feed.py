@@ -43,6 +43,17 @@ pytestmark = pytest.mark.timeout(180)
 Message = dict[str, Any]
 
 
+def flatten(text: str | bytes) -> list[Message]:
+    """A frame's messages: a ``changes`` frame is its changes, in order (never empty, each
+    a ``change``); any other frame is itself."""
+    msg: Message = json.loads(text)
+    if msg["type"] != "changes":
+        return [msg]
+    changes: list[Message] = msg["changes"]
+    assert changes and all(c["type"] == "change" for c in changes), msg
+    return changes
+
+
 async def token_of(host: str, user: str) -> str:
     async with httpx.AsyncClient(base_url=f"http://{host}") as client:
         answer = await client.post("/api/auth/login", json={"username": user, "password": PASSWORD})
@@ -52,15 +63,20 @@ async def token_of(host: str, user: str) -> str:
 
 
 class Feed:
-    """A console's feed connection: every message it received, in order."""
+    """A console's feed connection: every message it received, in order (a ``changes``
+    frame's changes one by one)."""
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.received: list[Message] = []
+        self.frames = 0
+        self._pending: list[Message] = []
 
     async def next(self, within_s: float = 10.0) -> Message:
-        text = await asyncio.wait_for(self.ws.recv(), within_s)
-        msg: Message = json.loads(text)
+        if not self._pending:
+            self._pending = flatten(await asyncio.wait_for(self.ws.recv(), within_s))
+            self.frames += 1
+        msg = self._pending.pop(0)
         self.received.append(msg)
         return msg
 
@@ -322,10 +338,12 @@ async def test_an_acknowledgement_through_one_server_reaches_a_console_on_anothe
     assert max(delays) < 1.0, delays
 
 
-async def joined(live: LiveFeed, dsn: str, staff: str, org: str) -> Subscriber:
+async def joined(
+    live: LiveFeed, dsn: str, staff: str, org: str, role: str = "duty"
+) -> Subscriber:
     """A subscriber of ``live`` as the WebSocket route makes one (with ``after: null``)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        me = await load_principal(conn, staff, staff, "duty", org)
+        me = await load_principal(conn, staff, staff, role, org)
 
         async def nothing_sent_directly(text: str) -> None:
             raise AssertionError(f"with after null everything goes through the outbox: {text}")
@@ -378,7 +396,7 @@ async def received(sub: Subscriber, n: int, within_s: float = 10) -> list[Messag
     got: list[Message] = []
     async with asyncio.timeout(within_s):
         while len(got) < n:
-            got += [json.loads(m) for m in await sub.next_messages(within_s)]
+            got += [c for m in await sub.next_messages(within_s) for c in flatten(m)]
     assert len(got) == n, got
     return got
 
@@ -465,20 +483,55 @@ async def test_a_slow_client_is_closed_and_neither_holds_the_reader_nor_grows(
         fast = await joined(live, database, "sup-a", "station-a")
         received: list[Message] = []
 
-        async def read_fast() -> None:
-            while len(received) < 21:  # ready + 10 alerts x (opened, escalated)
-                received.extend(json.loads(m) for m in await fast.next_messages(10))
+        async def read_fast(n: int) -> None:
+            while len(received) < n:
+                received.extend(c for m in await fast.next_messages(10) for c in flatten(m))
 
-        reading = asyncio.create_task(read_fast())
-        for device in devices:
+        # one alert at a time, each read by the reader before the next: a frame each
+        for i, device in enumerate(devices):
             raise_event(database, "site-a", device, "sos")
             await drain(database, T0)
-        await asyncio.wait_for(reading, 30)
+            await asyncio.wait_for(read_fast(1 + 2 * (i + 1)), 30)  # ready, (opened, escalated)
         assert [m["type"] for m in received].count("change") == 20
         assert slow.closing is not None and slow.closing.code == CLOSE_BEHIND
         with pytest.raises(Closing):
             await slow.next_messages(0)
         assert fast.closing is None
+    finally:
+        await live.stop()
+
+
+async def test_a_read_goes_to_each_client_as_one_frame_encoded_once_per_scope_and_tier(
+    database: str,
+) -> None:
+    """Forced: the reader is held (its lock taken) while three alerts commit, so its next
+    read holds six changes. Each client gets them in ONE ``changes`` frame, in commit
+    order; two clients of one scope and tier share the very same string (encoded once);
+    the street's client gets its own, masked, frame."""
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-f", 3)
+    live = LiveFeed(database)
+    await live.start()
+    try:
+        subs = [await joined(live, database, "duty-a", "station-a"),
+                await joined(live, database, "sup-a", "station-a", "supervisor"),
+                await joined(live, database, "street-1", "street-1", "street")]
+        for sub in subs:
+            assert [json.loads(m)["type"] for m in await sub.next_messages(0)] == ["ready"]
+        async with live._lock:
+            for device in devices:
+                raise_event(database, "site-a", device, "sos")
+            await drain(database, T0)
+        expected = in_scope_positions(database, "site-a", 0)
+        assert len(expected) == 6
+        frames = [await sub.next_messages(10) for sub in subs]
+        assert [len(f) for f in frames] == [1, 1, 1], frames
+        duty_a, sup_a, street = (f[0] for f in frames)
+        assert duty_a is sup_a  # one scope and tier: one string for both
+        for text, masked in ((duty_a, False), (street, True)):
+            changes = flatten(text)
+            assert [c["position"] for c in changes] == expected
+            assert {c["alert"]["masked"] for c in changes} == {masked}
     finally:
         await live.stop()
 
@@ -518,9 +571,9 @@ async def test_the_reader_moving_during_a_catch_up_leaves_no_gap_and_no_duplicat
         direct: list[int] = []
 
         async def send(text: str) -> None:
-            msg = json.loads(text)
-            direct.append(msg.get("position", 0) if msg["type"] == "change" else -1)
-            if len(direct) == 2:  # mid catch-up: another alert, and the reader fans it out
+            first = len(direct)
+            direct.extend(m["position"] if m["type"] == "change" else -1 for m in flatten(text))
+            if first == 1:  # mid catch-up: another alert, and the reader fans it out
                 raise_event(database, "site-a", devices[3], "sos")
                 await drain(database, T0)
                 moved = last_position(database)
@@ -534,7 +587,7 @@ async def test_the_reader_moving_during_a_catch_up_leaves_no_gap_and_no_duplicat
         final = last_position(database)
         queued: list[int] = []
         while final not in queued:
-            queued += [json.loads(m)["position"] for m in await sub.next_messages(10)]
+            queued += [c["position"] for m in await sub.next_messages(10) for c in flatten(m)]
         assert direct[0] == -1  # ready
         received = direct[1:] + queued
         expected = in_scope_positions(database, "site-a", resume_from)
@@ -566,7 +619,7 @@ async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
             sent: list[Message] = []
 
             async def send(text: str) -> None:
-                sent.append(json.loads(text))
+                sent.extend(flatten(text))
 
             sub = await live.join(conn, me, opened, send)
         assert [(m["type"], m["position"]) for m in sent] == [("ready", opened),
@@ -629,7 +682,7 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
         await drain(database, T0)
         got: list[Message] = []
         while not any(m.get("action") == "escalated" for m in got):
-            got += [json.loads(m) for m in await after.next_messages(10)]
+            got += [c for m in await after.next_messages(10) for c in flatten(m)]
         assert {m["alert"]["type"] for m in got if m["type"] == "change"} == {"tamper"}
     finally:
         await live.stop()

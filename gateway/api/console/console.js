@@ -541,11 +541,10 @@ function onFeedMessage(ws, message, fromStart) {
       if (fromStart) loadList();
       queueDisplayed();
       break;
-    case "change":
-      if (typeof message.position === "number") feed.position = message.position;
-      if (!message.alert || typeof message.seq !== "number") break;
-      if (feed.loading) feed.buffer.push(message);
-      else applyChange(message);
+    case "changes":
+      // one frame per batch; each element is one change, applied in order
+      if (!Array.isArray(message.changes)) break;
+      for (const change of message.changes) onChange(change);
       break;
     case "reset":
       // the server does not know our position: start over from the list
@@ -560,6 +559,14 @@ function onFeedMessage(ws, message, fromStart) {
     default:
       break;
   }
+}
+
+function onChange(message) {
+  if (message?.type !== "change") return;
+  if (typeof message.position === "number") feed.position = message.position;
+  if (!message.alert || typeof message.seq !== "number") return;
+  if (feed.loading) feed.buffer.push(message);
+  else applyChange(message);
 }
 
 function applyChange(message) {
