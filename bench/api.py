@@ -315,7 +315,8 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
                     alert_id = shown.get_nowait()
                 started = time.perf_counter()
                 acked_at[alert_id] = started
-                answer = await api.post(f"/api/alerts/{alert_id}/acknowledge")
+                answer = await api.post(f"/api/alerts/{alert_id}/acknowledge",  # as the console
+                                        headers={"Idempotency-Key": str(uuid.uuid4())})
                 http_rtt.append((time.perf_counter() - started) * 1e3)
                 statuses.append(answer.status_code)
                 started = time.perf_counter()

@@ -42,7 +42,10 @@ async def once(
     """``run()`` once per (caller, key); its JSON answer replayed for every retry."""
     if key is None:
         return JSONResponse(jsonable_encoder(await run()), status_code)
-    async with conn.transaction():
+    # Pipeline mode: BEGIN, the lock and the lookup share one round trip, the answer's
+    # INSERT rides with the COMMIT. The lookup still sees a commit made while it waited
+    # for the lock: PostgreSQL runs the statements in order, each with its own snapshot.
+    async with conn.pipeline(), conn.transaction():
         # Two taps at once: the second waits here until the first commits, then replays.
         await conn.execute(_LOCK, (me.actor, key))
         row = await (await conn.execute(_STORED, (me.actor, key))).fetchone()
