@@ -177,7 +177,11 @@ class IngestStore:
     def _transaction(
         self, conn: psycopg.Connection[tuple[object, ...]], batch: Batch, *, direct: bool
     ) -> int:
-        with conn.transaction(), conn.cursor() as cur:
+        # Without a COPY (which pipeline mode cannot carry) the batch goes in pipeline
+        # mode: BEGIN, the statements and COMMIT in one round trip. That is the event
+        # lane's usual batch: each round trip of this thread also waits for the GIL.
+        pipelined = conn.pipeline() if not batch.telemetry_rows else contextlib.nullcontext()
+        with pipelined, conn.transaction(), conn.cursor() as cur:
             if batch.telemetry_rows:
                 # COPY straight into the hypertable: no staging table, no ON CONFLICT
                 self._copy(cur, _COPY_DIRECT if direct else _COPY_STAGING, batch.copy)
