@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants
@@ -33,7 +34,14 @@ from gateway.alerts.feed import changes_after
 from gateway.alerts.feed import last_position as feed_last_position
 from gateway.alerts.unit_of_work import command
 from gateway.api import app as app_module
-from gateway.api.live import CLOSE_BEHIND, Closing, FeedTimings, LiveFeed, Subscriber
+from gateway.api.live import (
+    CLOSE_BEHIND,
+    Closing,
+    FeedTimings,
+    LiveFeed,
+    Subscriber,
+    changes_message,
+)
 from gateway.api.principal import load_principal
 from gateway.api.routes import feed as feed_route
 from gateway.local.mosquitto import MosquittoInstance
@@ -528,12 +536,23 @@ async def test_a_read_goes_to_each_client_as_one_frame_encoded_once_per_scope_an
         assert [len(f) for f in frames] == [1, 1, 1], frames
         duty_a, sup_a, street = (f[0] for f in frames)
         assert duty_a is sup_a  # one scope and tier: one string for both
+        assert duty_a.isascii() and street.isascii()  # encoded per client: a plain copy
         for text, masked in ((duty_a, False), (street, True)):
             changes = flatten(text)
             assert [c["position"] for c in changes] == expected
             assert {c["alert"]["masked"] for c in changes} == {masked}
     finally:
         await live.stop()
+
+
+def test_a_frame_is_ascii_json_meaning_the_same_text() -> None:
+    """Names in Chinese, an accent, a character outside the BMP (a surrogate pair in JSON)
+    and JSON's own escapes: the frame is ASCII and parses to the very same values."""
+    alert = {"name": "张三丰", "note": "café 😀", "quoted": 'a "b" \\ c\n'}
+    element = orjson.dumps({"type": "change", "position": 1, "alert": alert})
+    text = changes_message([element, element])
+    assert text.isascii()
+    assert json.loads(text) == {"type": "changes", "changes": [orjson.loads(element)] * 2}
 
 
 def last_position(dsn: str) -> int:
