@@ -288,7 +288,7 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
     async with (
         connect(f"ws://{host}/api/feed", compression=None, max_size=None,
                 ping_interval=None) as ws,
-        httpx.AsyncClient(base_url=f"http://{host}",
+        httpx.AsyncClient(base_url=f"http://{host}", timeout=60,  # slow is measured, not fatal
                           headers={"Authorization": f"Bearer {token('duty-1')}"}) as api,
     ):  # fmt: skip
         await ws.send(json.dumps({"type": "auth", "token": token("duty-1"), "after": None}))
