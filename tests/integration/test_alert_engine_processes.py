@@ -122,6 +122,9 @@ def test_sos_published_over_mqtt_becomes_one_alert_with_its_first_rung(
 
     import_district(database, District.model_validate(DISTRICT))
     with psycopg.connect(database) as conn:  # this test runs on the real clock: on duty now
+        # the district's own shifts are fixed times around T0: at some hours of the day
+        # another person would be on duty too; only duty-1 is, whatever the hour
+        conn.execute("DELETE FROM shifts")
         conn.execute(
             "INSERT INTO shifts (staff_id, starts_at, ends_at)"
             " VALUES ('duty-1', now() - interval '1 hour', now() + interval '1 hour')"
