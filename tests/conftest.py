@@ -66,9 +66,18 @@ def create_database(pg: PostgresInstance) -> str:
 
 
 @pytest.fixture
-def database(pg_cluster: PostgresInstance) -> str:
-    """A fresh, migrated database for one test."""
-    return create_database(pg_cluster)
+def database(pg_cluster: PostgresInstance) -> Iterator[str]:
+    """A fresh, migrated database for one test, dropped after it (hundreds of them would
+    otherwise fill the disk and take the session's end a minute to delete)."""
+    dsn = create_database(pg_cluster)
+    yield dsn
+    admin = pg_cluster.dsn.rsplit("/", 1)[0] + "/postgres"
+    name = dsn.rsplit("/", 1)[1]
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except psycopg.Error:
+        pass  # a server the test left running may hold it; the session's end removes it
 
 
 @pytest.fixture
