@@ -208,6 +208,9 @@ async def views_by_key(
     }  # fmt: skip
 
 
+FRAME_BYTES = 256 * 1024  # a frame's changes stop here (one change may be longer)
+
+
 class KeyBatch:
     """One read's changes as one (scope, tier) sees them: each element encoded once, and
     the ``changes`` frame from a given element on built once and shared by every client
@@ -221,17 +224,30 @@ class KeyBatch:
             if alert is not None:
                 self.positions.append(change.position)
                 self.elements.append(change_element(change, alert))
-        self._messages: dict[int, str | None] = {}
+        self._frames: dict[int, list[tuple[str, int]]] = {}
 
     def start_above(self, floor: int) -> int:
         return bisect.bisect_right(self.positions, floor)
 
-    def message_from(self, start: int) -> str | None:
-        """The frame of the elements from ``start`` on (None: nothing for this client)."""
-        if start not in self._messages:
-            rest = self.elements[start:]
-            self._messages[start] = changes_message(rest) if rest else None
-        return self._messages[start]
+    def frames_from(self, start: int) -> list[tuple[str, int]]:
+        """The frames of the elements from ``start`` on, each with its count of changes
+        ([]: nothing for this client). Usually one; a big read is cut at ``FRAME_BYTES``
+        (a long catch-up is 500 changes), since common WebSocket clients refuse frames
+        over 1 MiB by default."""
+        if start not in self._frames:
+            frames: list[tuple[str, int]] = []
+            chunk: list[bytes] = []
+            size = 0
+            for element in self.elements[start:]:
+                if chunk and size + len(element) > FRAME_BYTES:
+                    frames.append((changes_message(chunk), len(chunk)))
+                    chunk, size = [], 0
+                chunk.append(element)
+                size += len(element) + 1
+            if chunk:
+                frames.append((changes_message(chunk), len(chunk)))
+            self._frames[start] = frames
+        return self._frames[start]
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,9 +378,9 @@ class LiveFeed:
         for sub in subs:
             batch = batches[sub.view_key]
             start = 0 if sub.floor is None else batch.start_above(sub.floor)
-            text = batch.message_from(start)
-            if text is not None and sub.offer(text, len(batch.elements) - start):
-                offered += len(batch.elements) - start
+            for text, count in batch.frames_from(start):
+                if sub.offer(text, count):
+                    offered += count
         FEED_MESSAGES.inc(offered)
 
     # -- a client joining ------------------------------------------------------------
@@ -428,12 +444,11 @@ class LiveFeed:
                 return cursor
             views = await views_by_key(conn, [sub.principal], (c.alert_id for c in page))
             batch = KeyBatch(page, views.get(sub.view_key, {}))
-            text = batch.message_from(0)
-            if text is not None:
+            for text, count in batch.frames_from(0):
                 if send is not None:
                     await send(text)
                 else:
-                    sub.offer(text, len(batch.elements))
+                    sub.offer(text, count)
             cursor = page[-1].position
             if len(page) < self.timings.batch or (through is not None and cursor >= through):
                 return cursor

@@ -34,6 +34,7 @@ from gateway.alerts.feed import changes_after
 from gateway.alerts.feed import last_position as feed_last_position
 from gateway.alerts.unit_of_work import command
 from gateway.api import app as app_module
+from gateway.api import live as live_module
 from gateway.api.live import (
     CLOSE_BEHIND,
     Closing,
@@ -541,6 +542,45 @@ async def test_a_read_goes_to_each_client_as_one_frame_encoded_once_per_scope_an
             changes = flatten(text)
             assert [c["position"] for c in changes] == expected
             assert {c["alert"]["masked"] for c in changes} == {masked}
+    finally:
+        await live.stop()
+
+
+async def test_a_big_read_is_cut_into_frames_and_nothing_is_lost_between_them(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame's changes stop at ``FRAME_BYTES`` (here: one change a frame), in the
+    catch-up and the fan-out alike: every change once, in order, across the frames."""
+    monkeypatch.setattr(live_module, "FRAME_BYTES", 1)
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-g", 4)
+    for device in devices[:2]:
+        raise_event(database, "site-a", device, "sos")
+    await drain(database, T0)
+    live = LiveFeed(database)
+    await live.start()
+    try:
+        first = changes_of(database, devices[0])[0]
+        frames: list[list[Message]] = []
+
+        async def send(text: str) -> None:
+            frames.append(flatten(text))
+
+        async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            sub = await live.join(conn, me, first, send)
+        async with live._lock:  # the next read holds both alerts' changes
+            for device in devices[2:]:
+                raise_event(database, "site-a", device, "sos")
+            await drain(database, T0)
+        queued: list[list[Message]] = []
+        final = last_position(database)
+        while not queued or queued[-1][-1]["position"] != final:
+            queued += [flatten(m) for m in await sub.next_messages(10)]
+        assert [len(f) for f in frames] == [1, 1, 1, 1]  # ready, then 3 changes
+        assert [len(f) for f in queued] == [1, 1, 1, 1]
+        positions = [m["position"] for f in frames[1:] + queued for m in f]
+        assert positions == in_scope_positions(database, "site-a", first)
     finally:
         await live.stop()
 

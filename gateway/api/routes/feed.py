@@ -10,12 +10,13 @@ Protocol (the console is built against exactly this):
   keeping per alert the highest ``seq``. With a position, P is that position and every
   change after it in the caller's scope follows first.
 * server, the changes in scope, always batched: ``{"type": "changes", "changes": [C,
-  ...]}`` (never empty), one frame per read of the log (or per page of a catch-up), in
-  order. Each C is ``{"type": "change", "position", "alert_id", "seq", "action",
-  "alert"}`` — ``alert`` as ``GET /api/alerts/{id}`` gives it, without the timeline,
-  masked as for this caller, read when the frame is built (so at least as new as the
-  change; changes may arrive out of ``seq`` order within an alert, hence the
-  highest-``seq`` rule). Apply the elements in order. Resume from the last ``position``
+  ...]}`` (never empty), one frame per read of the log (or per page of a catch-up; a
+  big one in several frames of ≈ 256 KiB of changes at most), in order. Each C is
+  ``{"type": "change", "position", "alert_id", "seq", "action", "alert"}`` —
+  ``alert`` as ``GET /api/alerts/{id}`` gives it, without the timeline, masked as for
+  this caller, read when the frame is built (so at least as new as the change;
+  changes may arrive out of ``seq`` order within an alert, hence the highest-``seq``
+  rule). Apply the elements in order. Resume from the last ``position``
   received: positions grow in the order the changes committed
   (``gateway.alerts.feed``), not necessarily by one. (Always a list, even of one, so
   a client has one path; a frame per change cost the server a frame per change per
