@@ -6,11 +6,10 @@ worker holds two connections: one that only ``LISTEN``s (woken at the commit of
 an event by the inbox trigger, or of a new timer), one that works. A periodic
 poll is the fallback when a notification is lost with a connection.
 
-``eldersafe server`` runs the intake on an event loop of its own in a thread
-(``on_own_loop``): on the server's loop each of its round trips waited its turn
-behind the MQTT socket's reads and parsing of 5,000 telemetry messages a second
-(issue 7's device → alert latency). The timers, the API and ingest stay on the
-server's loop.
+``eldersafe server`` runs intake and timers on its one event loop, beside ingest
+and the API (issue 8). A thread of its own for the intake was tried and measured:
+the intake's time goes to its own statements (claim, decide, lock, write, commit),
+not to waiting for the loop, so it gained nothing (bench/README.md, alert_latency).
 
 Time: the system clock, or with ``ELDERSAFE_ENGINE_CLOCK=database`` (tests
 only) the row of table ``engine_clock``, read at each pass: a test moves it
@@ -21,11 +20,8 @@ runs the escalation in milliseconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -63,65 +59,6 @@ async def _wait(listen: psycopg.AsyncConnection[Any], seconds: float) -> None:
     """Until a notification arrives on a channel ``listen`` listens to, or ``seconds`` pass."""
     async for _ in listen.notifies(timeout=max(seconds, 0.0), stop_after=1):
         pass
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-async def on_own_loop(work: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-    """Run ``work()`` on an event loop of its own in a thread named ``name``.
-
-    Awaiting this is awaiting ``work``: its end or its exception comes back here, and
-    cancelling this cancels it and waits until the thread has finished."""
-    outer = asyncio.get_running_loop()
-    finished: asyncio.Future[None] = outer.create_future()
-    inner: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-    ready = threading.Event()
-
-    def settle(exc: BaseException | None) -> None:
-        if finished.done():
-            return
-        if exc is None:
-            finished.set_result(None)
-        elif isinstance(exc, asyncio.CancelledError):
-            finished.cancel()
-        else:
-            finished.set_exception(exc)
-
-    def body() -> None:
-        loop = _new_loop()
-        result: BaseException | None = None
-        try:
-            task = loop.create_task(work())
-            inner.append((loop, task))
-            ready.set()
-            loop.run_until_complete(task)
-        except BaseException as exc:  # handed to the awaiting task, not lost in the thread
-            result = exc
-        finally:
-            ready.set()
-            loop.close()
-        with contextlib.suppress(RuntimeError):  # the server's loop closed already
-            outer.call_soon_threadsafe(settle, result)
-
-    thread = threading.Thread(target=body, name=name, daemon=True)
-    thread.start()
-    try:
-        await asyncio.shield(finished)
-    except asyncio.CancelledError:
-        # what the work ends with now is the cancellation's doing: read, not reported
-        finished.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await asyncio.to_thread(ready.wait)
-        for loop, task in inner:
-            with contextlib.suppress(RuntimeError):  # its loop ended already
-                loop.call_soon_threadsafe(task.cancel)
-        await asyncio.to_thread(thread.join)
-        raise
 
 
 def _count(out: Outcome) -> None:
