@@ -49,6 +49,13 @@ async def test_another_units_alert_is_404_and_absent_from_lists(database: str) -
                             else api.post(path, headers=duty_a))
             assert answer.status_code == 404 and ids["site-b"] in answer.text
             assert "李" not in answer.text and "station-b" not in answer.text
+        # B's alert acknowledged by B: A's acknowledge is still a 404, never the 409 that
+        # would tell A the alert exists and what state it is in
+        duty_b = await login(api, "duty-b")
+        taken = await api.post(f"/api/alerts/{ids['site-b']}/acknowledge", headers=duty_b)
+        assert taken.status_code == 200
+        late = await api.post(f"/api/alerts/{ids['site-b']}/acknowledge", headers=duty_a)
+        assert late.status_code == 404 and "acknowledged" not in late.text
         missing = await api.get(f"/api/alerts/{uuid.uuid4()}", headers=duty_a)
         assert missing.status_code == 404
         # the other unit's id as a filter: an empty list, as for a unit that does not exist
