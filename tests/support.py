@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -156,11 +157,17 @@ async def until(
     within_s: float = 5.0,
     what: str = "a condition",
     interval: float = 0.05,
-) -> None:
+) -> Any:
     """Poll a condition with a deadline, in async tests: for state that has no event
-    to wait on (a counter, a file, a row)."""
+    to wait on (a counter, a file, a row). The predicate may be a coroutine function
+    (a query on an async connection); its first truthy value is returned."""
     deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {within_s} s waiting for {what}")
         await asyncio.sleep(interval)

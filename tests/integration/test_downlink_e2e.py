@@ -23,7 +23,14 @@ from typing import Any
 
 import psycopg
 import pytest
-from support import GATEWAY_PASSWORDS, SERVER_PASSWORDS, Collector, ServerProcess, scalar
+from support import (
+    GATEWAY_PASSWORDS,
+    SERVER_PASSWORDS,
+    Collector,
+    ServerProcess,
+    scalar,
+    until,
+)
 from test_alert_engine import DISTRICT, T0, ingest, rows
 from test_alert_engine_processes import set_clock
 
@@ -64,14 +71,7 @@ def district(t0: datetime) -> District:
 async def until_true(check: Callable[[], Any], limit_s: float, what: str) -> Any:
     """Poll ``check`` (blocking: run in a thread, the simulated link keeps its loop) until
     it returns something truthy; that value."""
-    deadline = asyncio.get_running_loop().time() + limit_s
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {limit_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
+    return await until(lambda: asyncio.to_thread(check), limit_s, what)
 
 
 async def start(

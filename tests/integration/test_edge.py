@@ -42,6 +42,7 @@ from support import (
     Collector,
     publish_all,
     until,
+    wait_for,
 )
 
 from gateway.contract.payloads import CommandAction, CommandPayload, dump, now_utc
@@ -202,10 +203,7 @@ async def edge_reading(tmp_path: Path, sim: CallButtonReceiverSimulator, pid: in
 def retained(port: int, topic: str) -> dict[str, Any]:
     watcher = Collector(port, "server", SERVER_PASSWORD, topic)
     try:
-        deadline = time.monotonic() + 5
-        while not watcher.messages and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert watcher.messages, f"nothing retained on {topic}"
+        wait_for(lambda: bool(watcher.messages), 5, f"the retained message on {topic}")
         return dict(json.loads(watcher.messages[-1][1]))
     finally:
         watcher.close()
