@@ -33,6 +33,7 @@ from gateway.api.routes import (
     stats,
     telemetry,
 )
+from gateway.api.ws_frames import FramesProtocol
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
@@ -120,13 +121,21 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+def server_config(app: FastAPI, host: str, port: int) -> uvicorn.Config:
+    """How uvicorn serves the API. WebSockets through ``ws_frames.FramesProtocol``, so the
+    live feed writes each frame built once to all its clients; compression off, since
+    permessage-deflate would make every client's bytes its own (and cost a deflate per
+    client per frame)."""
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+        ws=FramesProtocol, ws_max_size=64 * 1024, ws_per_message_deflate=False,
+        timeout_graceful_shutdown=2, proxy_headers=False,
+    )  # fmt: skip
+
+
 async def serve_api(settings: Settings) -> None:
     """Serve until cancelled (the server's other tasks share this loop)."""
-    config = uvicorn.Config(
-        create_app(settings), host=settings.api_host, port=settings.api_port,
-        log_level="warning", access_log=False, lifespan="on", ws_max_size=64 * 1024,
-        timeout_graceful_shutdown=2, proxy_headers=False,
-    )
+    config = server_config(create_app(settings), settings.api_host, settings.api_port)
     server = uvicorn.Server(config)
     log.info("staff API on http://%s:%d", settings.api_host, settings.api_port)
     await server.serve()

@@ -24,8 +24,17 @@ framing; one frame per change per client was 20,000 frames/s at 200 consoles and
 alerts/s (bench/README.md, api.py). A busy loop reads bigger batches, so the frame rate
 falls as the load rises.
 
-Why a bounded outbox per client: the reader never waits on a client. A client whose
-outbox holds more than ``outbox_limit`` changes is closed with a reason and reconnects
+Why frames written from the fan-out: a WebSocket frame from the server is not masked, so
+a frame built once for a key is the same bytes for each of its clients. Where the server
+offers it (``ws_frames``: uvicorn with our protocol, as ``eldersafe server`` runs), the
+fan-out writes those bytes to each client's transport itself: no task wake-up, ASGI send
+chain, framing or encode per client (they were half of the loop at 200 consoles). Where
+it does not (an in-process ASGI client), the frame goes to the client's outbox and its
+send task sends the same shared text through ASGI.
+
+Why a bound per client: the reader never waits on a client. A client whose transport
+holds more than ``write_buffer_limit`` unsent bytes (raw writes), or whose outbox holds
+more than ``outbox_limit`` changes (through ASGI), is closed with a reason and reconnects
 from its last position, so a slow phone costs bounded memory and never delays the others.
 """
 
@@ -54,6 +63,7 @@ from gateway.alerts.feed import Change, changes_after, last_position
 from gateway.alerts.store import PgAlertTransaction
 from gateway.api.principal import Principal
 from gateway.api.views import ALERT_SELECT, view_from_row
+from gateway.api.ws_frames import RawFrames, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +100,60 @@ def change_element(change: Change, alert: orjson.Fragment) -> bytes:
                          "action": change.action, "alert": alert})  # fmt: skip
 
 
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_NON_ASCII = re.compile(rb"[\x80-\xff]+")  # in valid UTF-8: whole characters
 
 
-def _json_escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
+def _json_escape(char: str) -> str:
+    code = ord(char)
     if code > 0xFFFF:  # outside the BMP: a UTF-16 surrogate pair, as JSON spells it
         code -= 0x10000
         return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
     return f"\\u{code:04x}"
 
 
-def changes_message(elements: Sequence[bytes]) -> str:
-    """The ``changes`` frame of already encoded elements (joined, not encoded again), in
-    ASCII: the server encodes each frame's text to UTF-8 once PER CLIENT (uvicorn), a
-    plain copy for an ASCII string but a transcoding of every byte for one holding a
-    Chinese name (≈ 25 times slower; 15 % of the loop at 200 consoles). Non-ASCII
-    characters only occur inside JSON strings, where ``\\uXXXX`` means the same."""
-    text = (b'{"type":"changes","changes":[' + b",".join(elements) + b"]}").decode()
-    return text if text.isascii() else _NON_ASCII.sub(_json_escape, text)
+def _json_escape_run(match: re.Match[bytes]) -> bytes:
+    return "".join(map(_json_escape, match.group().decode())).encode()
+
+
+def changes_payload(elements: Sequence[bytes]) -> bytes:
+    """The ``changes`` message of already encoded elements (joined, not encoded again), in
+    ASCII: where a client is served through ASGI the server encodes each frame's text to
+    UTF-8 once PER CLIENT (uvicorn), a plain copy for an ASCII string but a transcoding of
+    every byte for one holding a Chinese name (≈ 25 times slower; 15 % of the loop at 200
+    consoles). Non-ASCII characters only occur inside JSON strings, where ``\\uXXXX``
+    means the same; both paths send the same bytes."""
+    payload = b'{"type":"changes","changes":[' + b",".join(elements) + b"]}"
+    return payload if payload.isascii() else _NON_ASCII.sub(_json_escape_run, payload)
+
+
+class OutFrame:
+    """One message on its way, shared by every client it goes to: its UTF-8 payload and
+    the changes it holds (what an outbox bound counts); built once, on first use, the
+    text for ASGI's ``send_text`` and the whole WebSocket frame for a raw write."""
+
+    __slots__ = ("_text", "_wire", "changes", "payload")
+
+    def __init__(self, payload: bytes, changes: int = 1) -> None:
+        self.payload = payload
+        self.changes = changes
+        self._text: str | None = None
+        self._wire: bytes | None = None
+
+    @classmethod
+    def of_text(cls, text: str) -> OutFrame:
+        return cls(text.encode())
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.payload.decode()
+        return self._text
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = text_frame(self.payload)
+        return self._wire
 
 
 class Closing(Exception):
@@ -123,15 +168,24 @@ class Closing(Exception):
 
 
 class Subscriber:
-    """One connected client: its principal, its bounded outbox and why it must close."""
+    """One connected client: its principal, where its frames go (written to its transport
+    with ``raw``, else its bounded outbox) and why it must close."""
 
-    def __init__(self, principal: Principal, limit: int) -> None:
+    def __init__(
+        self,
+        principal: Principal,
+        limit: int,
+        raw: RawFrames | None = None,
+        buffer_limit: int = 0,
+    ) -> None:
         self.principal = principal
-        self.limit = limit
+        self.limit = limit  # changes in the outbox
+        self.raw = raw
+        self.buffer_limit = buffer_limit  # bytes unsent in the transport (raw writes)
         self.floor: int | None = None  # changes up to this one it has (from its catch-up)
         self.closing: Closing | None = None
         self.closed = asyncio.Event()  # set with ``closing``
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[OutFrame] = deque()
         self._queued = 0  # changes in the outbox (what ``limit`` bounds)
         self._ready = asyncio.Event()
 
@@ -140,19 +194,36 @@ class Subscriber:
         """Everything a view depends on besides the alert (scope and masking tier)."""
         return (self.principal.units, self.principal.organisation_kind)
 
-    def offer(self, text: str, changes: int = 1) -> bool:
-        """Queue ``text`` (holding ``changes`` changes) without waiting; an outbox that
-        would hold more than ``limit`` changes closes the client instead."""
+    def offer(self, frame: OutFrame) -> bool:
+        """Send ``frame`` without waiting: written to the transport now (raw), else queued
+        for the send task. A client over its bound is closed instead: a transport that
+        would hold more than ``buffer_limit`` unsent bytes, an outbox more than ``limit``
+        changes. Frames go out in the order offered either way."""
         if self.closing is not None:
             return False
-        if self._queued and self._queued + changes > self.limit:
-            self.close(CLOSE_BEHIND, "too far behind: reconnect with your last position")
-            FEED_CLOSED.labels("behind").inc()
+        if self.raw is not None:
+            wire = frame.wire
+            held = self.raw.buffered()
+            if held and held + len(wire) > self.buffer_limit:
+                if not self.raw.closing():  # one going away anyway is not behind
+                    self._behind()
+                return False
+            return self.raw.write(wire)
+        if self._queued and self._queued + frame.changes > self.limit:
+            self._behind()
             return False
-        self._outbox.append(text)
-        self._queued += changes
+        self._outbox.append(frame)
+        self._queued += frame.changes
         self._ready.set()
         return True
+
+    def say(self, text: str) -> bool:
+        """Offer one message of the protocol (``ready``, ``error``)."""
+        return self.offer(OutFrame.of_text(text))
+
+    def _behind(self) -> None:
+        self.close(CLOSE_BEHIND, "too far behind: reconnect with your last position")
+        FEED_CLOSED.labels("behind").inc()
 
     def close(self, code: int, reason: str, last: tuple[str, ...] = ()) -> None:
         if self.closing is None:
@@ -172,7 +243,7 @@ class Subscriber:
         self._ready.clear()
         if self.closing is not None:
             raise self.closing
-        out = list(self._outbox)
+        out = [frame.text for frame in self._outbox]
         self._outbox.clear()
         self._queued = 0
         return out
@@ -224,28 +295,27 @@ class KeyBatch:
             if alert is not None:
                 self.positions.append(change.position)
                 self.elements.append(change_element(change, alert))
-        self._frames: dict[int, list[tuple[str, int]]] = {}
+        self._frames: dict[int, list[OutFrame]] = {}
 
     def start_above(self, floor: int) -> int:
         return bisect.bisect_right(self.positions, floor)
 
-    def frames_from(self, start: int) -> list[tuple[str, int]]:
-        """The frames of the elements from ``start`` on, each with its count of changes
-        ([]: nothing for this client). Usually one; a big read is cut at ``FRAME_BYTES``
-        (a long catch-up is 500 changes), since common WebSocket clients refuse frames
-        over 1 MiB by default."""
+    def frames_from(self, start: int) -> list[OutFrame]:
+        """The frames of the elements from ``start`` on ([]: nothing for this client).
+        Usually one; a big read is cut at ``FRAME_BYTES`` (a long catch-up is 500
+        changes), since common WebSocket clients refuse frames over 1 MiB by default."""
         if start not in self._frames:
-            frames: list[tuple[str, int]] = []
+            frames: list[OutFrame] = []
             chunk: list[bytes] = []
             size = 0
             for element in self.elements[start:]:
                 if chunk and size + len(element) > FRAME_BYTES:
-                    frames.append((changes_message(chunk), len(chunk)))
+                    frames.append(OutFrame(changes_payload(chunk), len(chunk)))
                     chunk, size = [], 0
                 chunk.append(element)
                 size += len(element) + 1
             if chunk:
-                frames.append((changes_message(chunk), len(chunk)))
+                frames.append(OutFrame(changes_payload(chunk), len(chunk)))
             self._frames[start] = frames
         return self._frames[start]
 
@@ -258,6 +328,9 @@ class FeedTimings:
     # read offers its whole batch at once. Clients of one scope and tier share each
     # message's string, so a slow client holds references, not copies.
     outbox_limit: int = 1000
+    # The same bound where frames are written to the transport: its unsent bytes (about
+    # ``outbox_limit`` changes of ≈ 2-4 KiB; a catch-up page is at most 500 changes).
+    write_buffer_limit: int = 4 * 1024 * 1024
 
 
 class LiveFeed:
@@ -378,9 +451,9 @@ class LiveFeed:
         for sub in subs:
             batch = batches[sub.view_key]
             start = 0 if sub.floor is None else batch.start_above(sub.floor)
-            for text, count in batch.frames_from(start):
-                if sub.offer(text, count):
-                    offered += count
+            for frame in batch.frames_from(start):
+                if sub.offer(frame):
+                    offered += frame.changes
         FEED_MESSAGES.inc(offered)
 
     # -- a client joining ------------------------------------------------------------
@@ -391,14 +464,17 @@ class LiveFeed:
         principal: Principal,
         after: int | None,
         send: Callable[[str], Awaitable[None]],
+        raw: RawFrames | None = None,
     ) -> Subscriber:
         """Add a client to the fan-out. ``send`` is used for ``ready`` and the catch-up
-        before the client is added (it may wait on a slow client: nothing else does).
-        Raises LookupError for a position the log does not hold."""
-        sub = Subscriber(principal, self.timings.outbox_limit)
+        before the client is added (it may wait on a slow client: nothing else does);
+        from then on its frames are written with ``raw`` if given, else queued. Raises
+        LookupError for a position the log does not hold."""
+        sub = Subscriber(principal, self.timings.outbox_limit, raw,
+                         self.timings.write_buffer_limit)  # fmt: skip
         if after is None:
             async with self._lock:
-                sub.offer(message("ready", position=self.position))
+                sub.say(message("ready", position=self.position))
                 self._add(sub)
             return sub
         page = await changes_after(conn, after, self.timings.batch)  # LookupError: unknown
@@ -444,11 +520,11 @@ class LiveFeed:
                 return cursor
             views = await views_by_key(conn, [sub.principal], (c.alert_id for c in page))
             batch = KeyBatch(page, views.get(sub.view_key, {}))
-            for text, count in batch.frames_from(0):
+            for frame in batch.frames_from(0):
                 if send is not None:
-                    await send(text)
+                    await send(frame.text)
                 else:
-                    sub.offer(text, count)
+                    sub.offer(frame)
             cursor = page[-1].position
             if len(page) < self.timings.batch or (through is not None and cursor >= through):
                 return cursor

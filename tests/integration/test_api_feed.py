@@ -41,7 +41,7 @@ from gateway.api.live import (
     FeedTimings,
     LiveFeed,
     Subscriber,
-    changes_message,
+    changes_payload,
 )
 from gateway.api.principal import load_principal
 from gateway.api.routes import feed as feed_route
@@ -590,9 +590,9 @@ def test_a_frame_is_ascii_json_meaning_the_same_text() -> None:
     and JSON's own escapes: the frame is ASCII and parses to the very same values."""
     alert = {"name": "张三丰", "note": "café 😀", "quoted": 'a "b" \\ c\n'}
     element = orjson.dumps({"type": "change", "position": 1, "alert": alert})
-    text = changes_message([element, element])
-    assert text.isascii()
-    assert json.loads(text) == {"type": "changes", "changes": [orjson.loads(element)] * 2}
+    payload = changes_payload([element, element])
+    assert payload.isascii()
+    assert json.loads(payload) == {"type": "changes", "changes": [orjson.loads(element)] * 2}
 
 
 def last_position(dsn: str) -> int:

@@ -61,6 +61,7 @@ from gateway.api.live import (
     message,
 )
 from gateway.api.principal import Principal
+from gateway.api.ws_frames import RawFrames
 from gateway.config import Settings
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,9 @@ async def feed(websocket: WebSocket) -> None:
         async with pool.connection() as conn:
             me = await authenticate(conn, settings, auth.token)
             try:
-                sub = await live.join(conn, me, auth.after, websocket.send_text)
+                # frames written from the fan-out where the server offers it (ws_frames)
+                raw = RawFrames.of(websocket.scope)
+                sub = await live.join(conn, me, auth.after, websocket.send_text, raw)
             except LookupError:
                 FEED_CLOSED.labels("reset").inc()
                 await websocket.send_text(message("reset"))
@@ -208,7 +211,9 @@ async def closed_for_good(sub: Subscriber) -> None:
 async def send_loop(
     websocket: WebSocket, settings: Settings, pool: Pool, sub: Subscriber, token: str
 ) -> None:
-    """The only writer of the socket: the outbox as it fills, a ping every 20 s."""
+    """The client's ping every 20 s and the server's close; its frames as the outbox
+    fills, where the fan-out does not write them itself (``LiveFeed.join``'s ``raw``).
+    Each send is one whole frame on the loop's thread, so it never splits a raw one."""
     next_ping = time.monotonic() + PING_EVERY_S
     while True:
         try:
@@ -246,13 +251,13 @@ async def receive_loop(
         text = received.get("text")
         if text is None:
             FEED_CLIENT_ERRORS.inc()
-            sub.offer(message("error", detail="binary frames are not understood: send JSON text"))
+            sub.say(message("error", detail="binary frames are not understood: send JSON text"))
             continue
         try:
             parsed = _CLIENT.validate_json(text)
         except ValidationError as exc:
             FEED_CLIENT_ERRORS.inc()
-            sub.offer(message("error", detail=f"not understood: {problems(exc)}"))
+            sub.say(message("error", detail=f"not understood: {problems(exc)}"))
             continue
         if isinstance(parsed, Displayed):
             await displayed(settings, pool, sub, parsed.alert_ids)
@@ -266,4 +271,4 @@ async def displayed(settings: Settings, pool: Pool, sub: Subscriber,
             await confirm_displayed(conn, sub.principal, alert_ids, at)
     except psycopg.Error as exc:
         log.warning("feed: display by %s not recorded: %s", sub.principal.actor, exc)
-        sub.offer(message("error", detail="the display was not recorded: send it again"))
+        sub.say(message("error", detail="the display was not recorded: send it again"))
