@@ -24,6 +24,7 @@ from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
 from gateway.db.retention import delete_old_sensitive_telemetry, drop_old_telemetry
+from gateway.heap import freeze_when
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.ingest.store import IngestStore
 from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint, SessionIncident
@@ -164,6 +165,9 @@ async def serve(settings: Settings) -> None:
             DownlinkWorkers(settings.database_url, consumer, settings.mqtt_username,
                             settings.engine_clock, settings.engine_poll_s).run(),
             name="downlink"),
+        # once the session is up (the start-up heap is built): no full collection
+        # walks it again with the loop stopped (gateway/heap.py)
+        asyncio.create_task(freeze_when(consumer.session_up), name="heap"),
     ]
     if settings.api_port:
         tasks.append(asyncio.create_task(serve_api(settings), name="api"))

@@ -28,6 +28,7 @@ from gateway.edge.config import EdgeConfig, load_config, profile_of
 from gateway.edge.outbox import AsyncOutbox, Outbox
 from gateway.edge.pipeline import EdgePipeline
 from gateway.edge.supervisor import Backoff, Supervisor
+from gateway.heap import freeze_when
 from gateway.mqtt.client import MqttClient, MqttSettings, Will
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,11 @@ def _channel(topic: str) -> str:
     return parsed.channel.value if isinstance(parsed, DeviceTopic) else "gateway"
 
 
-async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) -> None:
+async def run_edge_async(
+    config: EdgeConfig, stop: asyncio.Event | None = None, *, freeze_heap: bool = False
+) -> None:
+    """``freeze_heap``: the process is the edge's own (``eldersafe edge``), so its
+    start-up heap may be frozen once connected (gateway/heap.py); not in a test's process."""
     stop = stop or asyncio.Event()
     config.state_dir.mkdir(parents=True, exist_ok=True)
     outbox = AsyncOutbox(Outbox(config.state_dir / "outbox.sqlite3"))
@@ -164,12 +169,15 @@ async def run_edge_async(config: EdgeConfig, stop: asyncio.Event | None = None) 
                 asyncio.create_task(router.run(client), name="commands"),
                 asyncio.create_task(supervisor.run(), name="supervisor"),
             ]
+            heap = asyncio.create_task(freeze_when(client.connected)) if freeze_heap else None
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stopper and not task.cancelled():
                     failure = task.exception() or RuntimeError(f"{task.get_name()} returned")
                     log.critical("edge task %s failed", task.get_name(), exc_info=failure)
+            if heap is not None:
+                heap.cancel()
             for task in [*tasks, stopper]:
                 task.cancel()
             await asyncio.gather(*tasks, stopper, return_exceptions=True)
@@ -196,7 +204,7 @@ def run_edge(config_path: str | Path) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run_edge_async(config, stop)
+        await run_edge_async(config, stop, freeze_heap=True)
 
     asyncio.run(main())
     return 0
