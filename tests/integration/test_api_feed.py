@@ -1,6 +1,8 @@
 """The WebSocket live feed (issue 8, point 3): resumable by position with nothing lost and
 nothing twice, scoped to the caller, across servers through LISTEN/NOTIFY, and the
-console's "displayed" confirming its notices."""
+console's "displayed" confirming its notices. Both ways a frame reaches a client: written
+to its transport from the fan-out (``frames_server``: uvicorn as ``eldersafe server``
+configures it) and through ASGI (``api_support.api_server``, the in-process feeds)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,15 @@ import httpx
 import orjson
 import psycopg
 import pytest
+import uvicorn
 from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants
+from api_support import test_settings as settings_for
 from support import scalar, until, wait_for
 from test_alert_engine import drain, rows
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -35,6 +40,8 @@ from gateway.alerts.feed import last_position as feed_last_position
 from gateway.alerts.unit_of_work import command
 from gateway.api import app as app_module
 from gateway.api import live as live_module
+from gateway.api.app import create_app, server_config
+from gateway.api.deps import principal_from_credentials
 from gateway.api.live import (
     CLOSE_BEHIND,
     Closing,
@@ -43,9 +50,12 @@ from gateway.api.live import (
     Subscriber,
     changes_payload,
 )
-from gateway.api.principal import load_principal
+from gateway.api.principal import Principal
 from gateway.api.routes import feed as feed_route
+from gateway.api.security import issue_token
+from gateway.api.ws_frames import FramesProtocol
 from gateway.local.mosquitto import MosquittoInstance
+from gateway.local.ports import free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,12 +89,15 @@ class Feed:
         self.ws = ws
         self.received: list[Message] = []
         self.frames = 0
+        self.sizes: list[int] = []  # each frame's payload, bytes
         self._pending: list[Message] = []
 
     async def next(self, within_s: float = 10.0) -> Message:
         if not self._pending:
-            self._pending = flatten(await asyncio.wait_for(self.ws.recv(), within_s))
+            frame = await asyncio.wait_for(self.ws.recv(decode=False), within_s)
+            self._pending = flatten(frame)
             self.frames += 1
+            self.sizes.append(len(frame))
         msg = self._pending.pop(0)
         self.received.append(msg)
         return msg
@@ -347,12 +360,20 @@ async def test_an_acknowledgement_through_one_server_reaches_a_console_on_anothe
     assert max(delays) < 1.0, delays
 
 
-async def joined(
-    live: LiveFeed, dsn: str, staff: str, org: str, role: str = "duty"
-) -> Subscriber:
+async def principal_of(conn: psycopg.AsyncConnection[Any], dsn: str, staff: str) -> Principal:
+    """``staff`` as the feed's route authenticates them (a token of theirs, then
+    ``deps.principal_from_credentials``)."""
+    settings = settings_for(dsn)
+    version = scalar(dsn, "SELECT token_version FROM staff WHERE id = %s", (staff,))
+    token, _ = issue_token(settings.api_token_secret.get_secret_value(), staff, version,
+                           timedelta(minutes=10))  # fmt: skip
+    return await principal_from_credentials(conn, settings, token, None)
+
+
+async def joined(live: LiveFeed, dsn: str, staff: str) -> Subscriber:
     """A subscriber of ``live`` as the WebSocket route makes one (with ``after: null``)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        me = await load_principal(conn, staff, staff, role, org)
+        me = await principal_of(conn, dsn, staff)
 
         async def nothing_sent_directly(text: str) -> None:
             raise AssertionError(f"with after null everything goes through the outbox: {text}")
@@ -375,7 +396,7 @@ async def test_a_change_committed_behind_an_open_transaction_is_shown_at_once(
     live = LiveFeed(database, FeedTimings(fallback_poll_s=30.0))
     await live.start()
     try:
-        sub = await joined(live, database, "duty-a", "station-a")
+        sub = await joined(live, database, "duty-a")
         assert [json.loads(m)["type"] for m in await sub.next_messages(0)] == ["ready"]
         async with await psycopg.AsyncConnection.connect(database) as held:
             async with held.transaction():
@@ -488,8 +509,8 @@ async def test_a_slow_client_is_closed_and_neither_holds_the_reader_nor_grows(
     live = LiveFeed(database, FeedTimings(outbox_limit=5))
     await live.start()
     try:
-        slow = await joined(live, database, "duty-a", "station-a")  # never reads
-        fast = await joined(live, database, "sup-a", "station-a")
+        slow = await joined(live, database, "duty-a")  # never reads
+        fast = await joined(live, database, "sup-a")
         received: list[Message] = []
 
         async def read_fast(n: int) -> None:
@@ -522,9 +543,9 @@ async def test_a_read_goes_to_each_client_as_one_frame_encoded_once_per_scope_an
     live = LiveFeed(database)
     await live.start()
     try:
-        subs = [await joined(live, database, "duty-a", "station-a"),
-                await joined(live, database, "sup-a", "station-a", "supervisor"),
-                await joined(live, database, "street-1", "street-1", "street")]
+        subs = [await joined(live, database, "duty-a"),
+                await joined(live, database, "sup-a"),
+                await joined(live, database, "street-1")]
         for sub in subs:
             assert [json.loads(m)["type"] for m in await sub.next_messages(0)] == ["ready"]
         async with live._lock:
@@ -567,7 +588,7 @@ async def test_a_big_read_is_cut_into_frames_and_nothing_is_lost_between_them(
             frames.append(flatten(text))
 
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            me = await principal_of(conn, database, "duty-a")
             sub = await live.join(conn, me, first, send)
         async with live._lock:  # the next read holds both alerts' changes
             for device in devices[2:]:
@@ -639,7 +660,7 @@ async def test_the_reader_moving_during_a_catch_up_leaves_no_gap_and_no_duplicat
                 await until(lambda: live.position == moved, 10, "the reader past it")
 
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            me = await principal_of(conn, database, "duty-a")
             sub = await live.join(conn, me, resume_from, send)
         raise_event(database, "site-a", devices[4], "sos")
         await drain(database, T0)
@@ -674,7 +695,7 @@ async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
         opened, escalated = changes_of(database, "wb-a")
         assert live.position is None  # the reader has not read them
         async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
-            me = await load_principal(conn, "duty-a", "duty-a", "duty", "station-a")
+            me = await principal_of(conn, database, "duty-a")
             sent: list[Message] = []
 
             async def send(text: str) -> None:
@@ -726,7 +747,7 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
     live = LiveFeed(database)
     await live.start()
     try:
-        before = await joined(live, database, "duty-a", "station-a")
+        before = await joined(live, database, "duty-a")
         with psycopg.connect(database) as conn:  # as a retention job might
             conn.execute("DELETE FROM alert_changes WHERE commit_seq = %s", (live.position,))
         raise_event(database, "site-a", "wb-a", "fall")
@@ -735,7 +756,7 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
             while True:
                 await before.next_messages(10)
         assert closing.value.code == 4410 and closing.value.last == ('{"type":"reset"}',)
-        after = await joined(live, database, "duty-a", "station-a")
+        after = await joined(live, database, "duty-a")
         raise_event(database, "site-b", "wb-b", "sos")
         raise_event(database, "site-a", "wb-a", "tamper")
         await drain(database, T0)
@@ -747,39 +768,124 @@ async def test_a_reader_whose_place_left_the_log_resets_its_clients_and_goes_on(
         await live.stop()
 
 
+@asynccontextmanager
+async def frames_server(
+    dsn: str, send_buffer: int | None = None
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """The app served as ``eldersafe server`` serves it (``app.server_config``: our
+    WebSocket protocol, each frame written to the clients' transports from the fan-out),
+    on a free loopback port in this loop: its ``host:port`` and the uvicorn server.
+    ``send_buffer`` as in ``api_support.api_server``."""
+    port = free_port()
+    app = create_app(settings_for(dsn, api_port=port))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
+    sockets = None
+    if send_buffer is not None:
+        listening = socket.socket()
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        listening.bind(("127.0.0.1", port))
+        sockets = [listening]
+    serving = asyncio.create_task(server.serve(sockets=sockets))
+    await until(lambda: server.started or serving.done(), 30, "the API to start")
+    if serving.done():
+        serving.result()  # it failed to start: its error
+    try:
+        yield f"127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@asynccontextmanager
+async def served(
+    dsn: str, raw: bool, send_buffer: int | None = None
+) -> AsyncIterator[tuple[str, uvicorn.Server | None]]:
+    """The API with frames written from the fan-out (``raw``) or through ASGI."""
+    if raw:
+        async with frames_server(dsn, send_buffer) as (host, server):
+            yield host, server
+    else:
+        async with api_server(dsn, send_buffer=send_buffer) as host:
+            yield host, None
+
+
+class SilentClient:
+    """A feed client on a plain socket with a small receive buffer that reads only when
+    told to: while it does not, its TCP window shuts and the server's writes pile up.
+    Its frames are read by the ``websockets`` library's parser."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setblocking(False)
+        self.ws: ClientProtocol | None = None
+
+    async def open(self, host: str, token: str, after: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        address, port = host.split(":")
+        await loop.sock_connect(self.sock, (address, int(port)))
+        self.ws = ws = ClientProtocol(parse_uri(f"ws://{host}/api/feed"), max_size=None)
+        ws.send_request(ws.connect())
+        await loop.sock_sendall(self.sock, b"".join(ws.data_to_send()))
+        while ws.state is State.CONNECTING:
+            ws.receive_data(await loop.sock_recv(self.sock, 4096))
+        ws.send_text(json.dumps({"type": "auth", "token": token, "after": after}).encode())
+        await loop.sock_sendall(self.sock, b"".join(ws.data_to_send()))
+
+    async def read_until_closed(self, within_s: float) -> tuple[list[Message], int | None]:
+        """Everything it was sent, in order (a ``changes`` frame's changes one by one),
+        and the code of the server's close frame."""
+        assert self.ws is not None
+        loop = asyncio.get_running_loop()
+        got: list[Message] = []
+        async with asyncio.timeout(within_s):
+            while self.ws.close_rcvd is None:
+                data = await loop.sock_recv(self.sock, 65536)
+                if not data:
+                    break
+                self.ws.receive_data(data)
+                for event in self.ws.events_received():
+                    if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                        got += flatten(event.data)
+        return got, None if self.ws.close_rcvd is None else self.ws.close_rcvd.code
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()
+        return str(host), int(port)
+
+
+def all_positions(dsn: str) -> list[int]:
+    return [r[0] for r in rows(dsn, "SELECT commit_seq FROM alert_changes ORDER BY commit_seq")]
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["frames written from the fan-out", "ASGI"])
 async def test_a_client_that_reads_nothing_is_let_go_and_holds_up_no_one(
-    database: str, monkeypatch: pytest.MonkeyPatch
+    database: str, monkeypatch: pytest.MonkeyPatch, raw: bool
 ) -> None:
-    """A peer whose TCP window stays shut: the server's send to it waits, its outbox
-    overflows, and its handler ends within the close grace though no close frame can
-    reach it; a console beside it gets every change meanwhile."""
+    """A peer whose TCP window stays shut: the server's writes to it pile up (in its
+    transport, or its outbox behind a send that waits), it goes over its bound, and its
+    handler ends within the close grace though no close frame can reach it; a console
+    beside it gets every change meanwhile. Where frames are written from the fan-out
+    the connection itself is cut off too (a graceful close would wait for the peer)."""
     feeds: list[LiveFeed] = []
 
-    class SmallOutbox(LiveFeed):
+    class SmallBounds(LiveFeed):
         def __init__(self, dsn: str) -> None:
-            super().__init__(dsn, FeedTimings(outbox_limit=100))
+            super().__init__(dsn, FeedTimings(outbox_limit=100, write_buffer_limit=16 * 1024))
             feeds.append(self)
 
-    monkeypatch.setattr(app_module, "LiveFeed", SmallOutbox)
+    monkeypatch.setattr(app_module, "LiveFeed", SmallBounds)
     monkeypatch.setattr(feed_route, "CLOSE_WITHIN_S", 0.5)
+    monkeypatch.setattr(FramesProtocol, "abort_after_s", 0.5)
     seed_tenants(database)
     devices = add_devices(database, "site-a", "wb-q", 400)
-    loop = asyncio.get_running_loop()
-    async with api_server(database, send_buffer=4096) as host:
+    async with served(database, raw, send_buffer=4096) as (host, server):
         live = feeds[0]
         token = await token_of(host, "duty-a")
-        stuck = socket.socket()
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.setblocking(False)
-        address, port = host.split(":")
-        await loop.sock_connect(stuck, (address, int(port)))
-        handshake = ClientProtocol(parse_uri(f"ws://{host}/api/feed"))
-        handshake.send_request(handshake.connect())
-        await loop.sock_sendall(stuck, b"".join(handshake.data_to_send()))
-        while handshake.state is State.CONNECTING:
-            handshake.receive_data(await loop.sock_recv(stuck, 4096))
-        handshake.send_text(json.dumps({"type": "auth", "token": token, "after": None}).encode())
-        await loop.sock_sendall(stuck, b"".join(handshake.data_to_send()))
+        stuck = SilentClient()
+        await stuck.open(host, token)
         await until(lambda: live.clients == 1, 10, "the stuck client joined")
         try:
             async with feed(host, token, None) as (console, _):
@@ -792,12 +898,117 @@ async def test_a_client_that_reads_nothing_is_let_go_and_holds_up_no_one(
                     await drain(database, T0)
                     if raised == 20:
                         await until(lambda: live.clients == 2, 10, "both clients joined")
+                        assert all((s.raw is not None) is raw for s in live._subscribers)
                 await until(lambda: live.clients == 1, 10, "the stuck client handler ended")
                 final = last_position(database)
                 await console.until(lambda m: m.get("position") == final, within_s=30)
-                everything = [r[0] for r in rows(database, "SELECT commit_seq FROM alert_changes"
-                                                           " ORDER BY commit_seq")]  # fmt: skip
-                assert [m["position"] for m in console.changes()] == everything
+                assert [m["position"] for m in console.changes()] == all_positions(database)
                 print(f"the stuck client was let go after {raised} alerts")
+            if server is not None:
+
+                def connected() -> bool:
+                    return any(isinstance(c, FramesProtocol) and c.client == stuck.address
+                               for c in server.server_state.connections)  # fmt: skip
+
+                await until(lambda: not connected(), 10, "the stuck connection cut off")
         finally:
-            stuck.close()
+            stuck.sock.close()
+
+
+async def test_a_client_that_stops_reading_is_closed_behind_and_resumes_from_its_last_position(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forced: a client served by writes from the fan-out stops reading (a shut TCP
+    window) while alerts are raised until its transport holds more than its bound. It is
+    closed 4429; when it reads again it finds the frames written before in order, then
+    that close; reconnecting with its last position it gets the rest: every change once."""
+    feeds: list[LiveFeed] = []
+
+    class SmallBuffer(LiveFeed):
+        def __init__(self, dsn: str) -> None:
+            super().__init__(dsn, FeedTimings(write_buffer_limit=16 * 1024))
+            feeds.append(self)
+
+    monkeypatch.setattr(app_module, "LiveFeed", SmallBuffer)
+    monkeypatch.setattr(FramesProtocol, "abort_after_s", 120.0)  # it will read: no cut-off
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-r", 400)
+    async with frames_server(database, send_buffer=4096) as (host, _):
+        live = feeds[0]
+        token = await token_of(host, "duty-a")
+        client = SilentClient()
+        try:
+            await client.open(host, token)
+            await until(lambda: live.clients == 1, 10, "the client joined")
+            (sub,) = live._subscribers
+            assert sub.raw is not None
+            raised = 0
+            while sub.closing is None:
+                assert raised < len(devices), "never over its bound"
+                for device in devices[raised : raised + 20]:
+                    raise_event(database, "site-a", device, "sos")
+                raised += 20
+                await drain(database, T0)
+                end = last_position(database)
+                await until(lambda e=end: live.position == e, 10, "the reader at the end")
+            assert sub.closing.code == CLOSE_BEHIND
+            got, code = await client.read_until_closed(30)
+        finally:
+            client.sock.close()
+        assert code == CLOSE_BEHIND
+        assert got[0]["type"] == "ready"
+        before = [m["position"] for m in got[1:]]
+        everything = all_positions(database)
+        assert before and before == everything[: len(before)], "not in order, or a gap"
+        assert len(before) < len(everything)  # it was closed before the end
+        async with feed(host, token, before[-1]) as (console, _):
+            await console.until(lambda m: m.get("position") == everything[-1], within_s=30)
+        assert before + [m["position"] for m in console.changes()] == everything
+        print(f"closed behind after {len(before)} of {len(everything)} changes")
+
+
+async def test_frames_written_from_the_fan_out_are_whole_and_the_same_as_through_asgi(
+    database: str,
+) -> None:
+    """A real server as ``eldersafe server`` configures it and real ``websockets`` clients
+    (their parser reads every frame): the reader is held while 60 alerts commit, so its
+    next read is one frame over 65,535 bytes (the 8-byte length form); then one alert, a
+    frame of a few KiB (the 2-byte form); ``ready`` is the 7-bit form. Names and
+    addresses are Chinese, escaped. Two clients of one scope and tier get the same
+    frames; the street's are masked; every client gets exactly its scope's changes, in
+    order, as a client served through ASGI does."""
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-w", 61)
+    async with frames_server(database) as (host, server), api_server(database) as asgi_host:
+        tokens = {user: await token_of(host, user) for user in ("duty-a", "sup-a", "street-1")}
+        async with (
+            feed(host, tokens["duty-a"], None) as (duty_a, _),
+            feed(host, tokens["sup-a"], None) as (sup_a, _),
+            feed(host, tokens["street-1"], None) as (street, _),
+            feed(asgi_host, tokens["duty-a"], None) as (through_asgi, _),
+        ):
+            live: LiveFeed = server.config.app.state.live  # type: ignore[union-attr]
+            assert live.clients == 3 and all(s.raw is not None for s in live._subscribers)
+            async with live._lock:
+                for device in devices[:60]:
+                    raise_event(database, "site-a", device, "sos")
+                await drain(database, T0)
+            raise_event(database, "site-a", devices[60], "sos")
+            await drain(database, T0)
+            final = last_position(database)
+            for client in (duty_a, sup_a, street, through_asgi):
+                await client.until(lambda m: m.get("position") == final, within_s=30)
+        print(f"frames of {duty_a.sizes} bytes")
+        ready, held, last = duty_a.sizes  # one frame each
+        assert ready < 126 and held > 65_535 and 125 < last < 65_536
+        expected = in_scope_positions(database, "site-a", 0)
+        assert len(expected) == 122
+        for client in (duty_a, sup_a, street, through_asgi):
+            assert [m["position"] for m in client.changes()] == expected
+        assert duty_a.received == through_asgi.received  # the same messages either way
+        assert [m for m in sup_a.received if m["type"] != "ready"] == [
+            m for m in duty_a.received if m["type"] != "ready"
+        ]
+        shown = duty_a.changes()[0]["alert"]
+        assert shown["site"]["name"] == "王家" and not shown["masked"]
+        assert all(m["alert"]["masked"] for m in street.changes())
