@@ -371,3 +371,20 @@ class _Tx:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._cm.__aexit__(*exc)
+
+
+async def request_alert_lock(
+    conn: psycopg.AsyncConnection[Any], alert_id: uuid.UUID
+) -> Finish[Alert | None]:
+    """``PgAlertTransaction.lock_alert`` as a request (``Finish``): a person's command sends
+    it with the other reads it needs, so on a connection in pipeline mode they share one
+    round trip (``unit_of_work.request_command``)."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = %s FOR UPDATE", (alert_id,))
+
+    async def finish() -> Alert | None:
+        row = await cur.fetchone()
+        await cur.close()
+        return alert_from_row(row) if row else None
+
+    return finish

@@ -52,7 +52,13 @@ from alerting.rules import (
 )
 from device_drivers import profiles as device_profiles
 from gateway.alerts.directory import Directory, load_policy_book, request_policy_book
-from gateway.alerts.store import Finish, PgAlertTransaction, columns, finished
+from gateway.alerts.store import (
+    Finish,
+    PgAlertTransaction,
+    columns,
+    finished,
+    request_alert_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -426,24 +432,92 @@ async def timers_tick(
     return out
 
 
+@dataclass
+class Commanded(Outcome):
+    """What a person's command did, with the alert as it now stands and its next timer
+    (the API answers from them). ``alert`` is None when a step it fired was found fired
+    before: the row then holds another state, read it."""
+
+    alert: Alert | None = None
+    next_step_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReads:
+    """What ``request_command`` read: the alert under its row lock (None: no such alert),
+    the policy overrides, its fired steps; its chain head is locked and kept in ``tx``."""
+
+    alert_id: uuid.UUID
+    tx: PgAlertTransaction
+    directory: Directory
+    alert: Alert | None
+    fired: frozenset[StepKey]
+
+
+async def request_command(
+    conn: psycopg.AsyncConnection[Any], alert_id: uuid.UUID, worker: str = "console"
+) -> Finish[CommandReads]:
+    """Send the reads of a command on ``alert_id`` (``store.Finish``): the alert's row
+    lock, the policy overrides, its fired steps and its audit-chain head. On a connection
+    in pipeline mode they share one round trip with whatever the caller sends around
+    them (the API sends its idempotency lookup and its view). Statements of a pipeline
+    run in order, each with its own snapshot: the steps and the head are read once the
+    row's lock is held, and the head is locked after the row, as every writer does."""
+    tx = PgAlertTransaction(conn, worker)
+    locked = await request_alert_lock(conn, alert_id)
+    book = await request_policy_book(conn)
+    steps = await tx.request_fired_steps([alert_id])
+    heads = await tx.request_heads([alert_id])
+
+    async def finish() -> CommandReads:
+        alert = await locked()
+        directory = Directory(conn, await book())
+        fired = (await steps()).get(alert_id, frozenset())
+        await heads()
+        return CommandReads(alert_id, tx, directory, alert, fired)
+
+    return finish
+
+
 async def command(
     conn: psycopg.AsyncConnection[Any],
     alert_id: uuid.UUID,
     make: Callable[[Alert], Command],
     now: datetime,
     worker: str = "console",
-) -> Outcome:
+    sent: Finish[CommandReads] | None = None,
+) -> Commanded:
     """A person's command on an alert (acknowledge, on scene, resolve): ``make(alert)``
-    gives the ``Command``; it is applied, settled (downlink, new timers) and committed."""
-    out = Outcome()
+    gives the ``Command``; it is applied, settled (downlink, new timers) and committed.
+
+    ``sent``: its reads, sent by ``request_command`` inside the caller's transaction,
+    which the caller commits (no savepoint of its own: in pipeline mode each costs a
+    round trip, and a refused command raises before it writes anything)."""
+    if sent is not None:
+        return await _apply_command(await sent(), make, now)
     async with conn.transaction():
-        tx = PgAlertTransaction(conn, worker)
-        alert = await tx.lock_alert(alert_id)
-        if alert is None:
-            raise LookupError(f"no alert {alert_id}")
-        directory = Directory(conn, await load_policy_book(conn))
-        change = transition(alert, make(alert), now)
-        await _settle_and_persist(tx, directory, [change], now, out)
+        reads = await request_command(conn, alert_id, worker)
+        return await _apply_command(await reads(), make, now)
+
+
+async def _apply_command(
+    reads: CommandReads, make: Callable[[Alert], Command], now: datetime
+) -> Commanded:
+    alert = reads.alert
+    if alert is None:
+        raise LookupError(f"no alert {reads.alert_id}")
+    change = transition(alert, make(alert), now)
+    await reads.directory.preload([alert.site_id])
+
+    def fired_for(a: Alert) -> frozenset[StepKey]:
+        return frozenset(k for k in reads.fired if k.epoch == a.epoch)
+
+    effects = settle([change], reads.directory.policy_for, fired_for, now)
+    out = Commanded()
+    await persist(reads.tx, reads.directory, effects, now, out)
+    if not out.steps_already_fired:  # every transition kept: the last is the row's state
+        out.alert = effects.alerts[alert.id]
+    out.next_step_at = dict(effects.next_step_at).get(alert.id)
     return out
 
 

@@ -13,24 +13,18 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.alerts.workers import engine_now
-from gateway.api.principal import Principal, load_principal
+from gateway.api.principal import KEY_PRINCIPAL, STAFF_PRINCIPAL, Principal, principal_from_row
 from gateway.api.security import API_KEY_PREFIX, BadToken, api_key_digest, read_token
 from gateway.config import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="a token from POST /api/auth/login")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="an integration's key")
 
-_STAFF = """
-SELECT s.id, s.name, s.role, s.organisation_id, s.token_version FROM staff s
-WHERE s.id = %s AND s.active
-"""
-_KEY = """
-SELECT id, name, role, organisation_id FROM api_keys
-WHERE key_sha256 = %s AND revoked_at IS NULL
-"""
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    # async: FastAPI runs a plain function dependency in a worker thread, and the hop
+    # there and back costs every request two turns of the server's busy loop
     settings: Settings = request.app.state.settings
     return settings
 
@@ -64,20 +58,21 @@ async def principal_from_credentials(
     if token and token.startswith(API_KEY_PREFIX):
         token, api_key = None, token  # "Authorization: Bearer esk_..." works too
     if api_key:
-        row = await (await conn.execute(_KEY, (api_key_digest(api_key),))).fetchone()
+        row = await (await conn.execute(KEY_PRINCIPAL, (api_key_digest(api_key),))).fetchone()
         if row is None:
             raise unauthorized("unknown or revoked API key")
-        return await load_principal(conn, row[0], row[1], row[2], row[3], via_api_key=True)
+        return principal_from_row(row, via_api_key=True)
     if not token:
         raise unauthorized()
     try:
         claims = read_token(settings.api_token_secret.get_secret_value(), token)
     except BadToken as exc:
         raise unauthorized(f"invalid token: {exc}") from None
-    row = await (await conn.execute(_STAFF, (claims.staff_id,))).fetchone()
+    # the person, their token_version, their organisation's kind and units: one statement
+    row = await (await conn.execute(STAFF_PRINCIPAL, (claims.staff_id,))).fetchone()
     if row is None or row[4] != claims.version:
         raise unauthorized("the token is no longer valid; log in again")
-    return await load_principal(conn, row[0], row[1], row[2], row[3])
+    return principal_from_row(row)
 
 
 async def current_principal(

@@ -5,7 +5,8 @@ acknowledge is one acknowledgement, however the two requests interleave."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import psycopg
@@ -30,32 +31,77 @@ VALUES (%s, %s, %s, %s, %s, %s)
 """
 
 
+Answer = Callable[[], Awaitable[Any]]
+
+
+@contextlib.asynccontextmanager
+async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """A transaction in pipeline mode whose only round trip of its own is its COMMIT's.
+    BEGIN and COMMIT are sent as statements: psycopg's ``transaction()`` in pipeline mode
+    waits for PostgreSQL as it starts and twice as it ends, and on a busy event loop each
+    wait is a turn behind every other task. A ``transaction()`` inside is a savepoint."""
+    async with conn.pipeline():
+        await conn.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
+                await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+
 async def once(
     conn: psycopg.AsyncConnection[Any],
     me: Principal,
     key: str | None,
     method: str,
     path: str,
-    run: Callable[[], Awaitable[Any]],
+    run: Answer,
     status_code: int = status.HTTP_200_OK,
 ) -> JSONResponse:
     """``run()`` once per (caller, key); its JSON answer replayed for every retry."""
     if key is None:
         return JSONResponse(jsonable_encoder(await run()), status_code)
-    # Pipeline mode: BEGIN, the lock and the lookup share one round trip, the answer's
-    # INSERT rides with the COMMIT. The lookup still sees a commit made while it waited
-    # for the lock: PostgreSQL runs the statements in order, each with its own snapshot.
-    async with conn.pipeline(), conn.transaction():
-        # Two taps at once: the second waits here until the first commits, then replays.
-        await conn.execute(_LOCK, (me.actor, key))
-        row = await (await conn.execute(_STORED, (me.actor, key))).fetchone()
-        if row is not None:
+
+    async def send() -> Answer:
+        return run
+
+    return await once_sent(conn, me, key, method, path, send, status_code)
+
+
+async def once_sent(
+    conn: psycopg.AsyncConnection[Any],
+    me: Principal,
+    key: str | None,
+    method: str,
+    path: str,
+    send: Callable[[], Awaitable[Answer]],
+    status_code: int = status.HTTP_200_OK,
+) -> JSONResponse:
+    """``once`` for a change that sends its reads before it needs them: ``send()`` sends
+    them and returns what computes the answer from them (run at most once per key).
+
+    One transaction in pipeline mode: BEGIN, the key's lock and lookup and what
+    ``send()`` sends share one round trip; the answer's INSERT rides with the COMMIT.
+    Without a key, the same transaction without the lock, the lookup and the INSERT."""
+    async with pipelined_transaction(conn):
+        stored = None
+        if key is not None:
+            # Two taps at once: the second waits here until the first commits, and its
+            # lookup still sees that commit: PostgreSQL runs the statements in order,
+            # each with its own snapshot.
+            await conn.execute(_LOCK, (me.actor, key))
+            stored = await conn.execute(_STORED, (me.actor, key))
+        answer = await send()
+        if stored is not None and (row := await stored.fetchone()) is not None:
             if (row[0], row[1]) != (method, path):
                 raise HTTPException(
                     422,
                     f"Idempotency-Key {key!r} was used for {row[0]} {row[1]}; use a new key",
                 )
             return JSONResponse(row[3], row[2], headers={"Idempotent-Replayed": "true"})
-        body = jsonable_encoder(await run())
-        await conn.execute(_STORE, (me.actor, key, method, path, status_code, Jsonb(body)))
+        body = jsonable_encoder(await answer())
+        if key is not None:
+            await conn.execute(_STORE, (me.actor, key, method, path, status_code, Jsonb(body)))
     return JSONResponse(body, status_code)

@@ -8,11 +8,10 @@ so a list, a count or an error never tells that another unit's item exists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-
-import psycopg
 
 
 class StaffRole(StrEnum):
@@ -28,15 +27,30 @@ ACTING_ROLES = frozenset(StaffRole)
 # Roles that may change the directory (staff, shifts, residents, devices, policies).
 MANAGING_ROLES = frozenset({StaffRole.SUPERVISOR, StaffRole.ADMIN})
 
-_SUBTREE = """
-WITH RECURSIVE sub AS (
-    SELECT id, kind FROM organisations WHERE id = %s
+
+def _with_units(caller: str) -> str:
+    """The caller's row with its organisation's kind and every unit at or below it: one
+    statement, so authenticating a request is one round trip (every request does it)."""
+    return f"""
+WITH RECURSIVE caller AS ({caller}),
+sub (id) AS (
+    SELECT o.id FROM organisations o JOIN caller ON o.id = caller.organisation_id
     UNION ALL
-    SELECT o.id, o.kind FROM organisations o JOIN sub ON o.parent_id = sub.id
+    SELECT o.id FROM organisations o JOIN sub ON o.parent_id = sub.id
 )
-SELECT id FROM sub
+SELECT caller.id, caller.name, caller.role, caller.organisation_id, caller.token_version,
+       o.kind, ARRAY(SELECT id FROM sub)
+FROM caller LEFT JOIN organisations o ON o.id = caller.organisation_id
 """
-_KIND = "SELECT kind FROM organisations WHERE id = %s"
+
+
+STAFF_PRINCIPAL = _with_units(
+    "SELECT id, name, role, organisation_id, token_version FROM staff WHERE id = %s AND active"
+)
+KEY_PRINCIPAL = _with_units(
+    "SELECT id, name, role, organisation_id, NULL::int AS token_version FROM api_keys"
+    " WHERE key_sha256 = %s AND revoked_at IS NULL"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,18 +84,11 @@ class Principal:
         return self.organisation_kind in ("street", "bureau")
 
 
-async def load_principal(
-    conn: psycopg.AsyncConnection[Any],
-    pid: str,
-    name: str,
-    role: str,
-    organisation_id: str,
-    via_api_key: bool = False,
-) -> Principal:
-    kind_row = await (await conn.execute(_KIND, (organisation_id,))).fetchone()
-    units = [r[0] for r in await (await conn.execute(_SUBTREE, (organisation_id,))).fetchall()]
-    return Principal(pid, name, StaffRole(role), organisation_id,
-                     kind_row[0] if kind_row else "station", frozenset(units), via_api_key)
+def principal_from_row(row: Sequence[Any], via_api_key: bool = False) -> Principal:
+    """The caller of a row of ``STAFF_PRINCIPAL`` or ``KEY_PRINCIPAL``."""
+    pid, name, role, organisation_id, _version, kind, units = row
+    return Principal(pid, name, StaffRole(role), organisation_id, kind or "station",
+                     frozenset(units), via_api_key)
 
 
 def mask_name(name: str | None) -> str | None:

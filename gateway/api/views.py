@@ -13,6 +13,8 @@ import psycopg
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 
+from alerting.model import Alert
+from gateway.alerts.store import Finish
 from gateway.api.principal import Principal, mask_address, mask_name, mask_phone
 
 # The rung of the ladder that reaches each tier above the responsible unit (ARCHITECTURE
@@ -159,3 +161,33 @@ async def alert_views(
                           {"units": me.unit_list, "ids": list(ids)})
         rows = await cur.fetchall()
     return {r["id"]: view_from_row(me, r) for r in rows}
+
+
+async def request_alert_view(
+    conn: psycopg.AsyncConnection[Any], me: Principal, alert_id: uuid.UUID
+) -> Finish[dict[str, Any] | None]:
+    """Send the read of one alert's view row, scoped to the caller (``store.Finish``):
+    None is the same answer for another unit's alert and for one that does not exist."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(ALERT_SELECT + " AND a.id = %(id)s", {"units": me.unit_list, "id": alert_id})
+
+    async def finish() -> dict[str, Any] | None:
+        row = await cur.fetchone()
+        await cur.close()
+        return row
+
+    return finish
+
+
+def row_after(r: dict[str, Any], alert: Alert, next_step_at: datetime | None) -> dict[str, Any]:
+    """A view row read before a command, with the alert's state after it (what the
+    command wrote), so the answer needs no second read of the view."""
+    return r | {
+        "severity": alert.severity.value, "status": alert.status.value, "level": alert.level,
+        "count": alert.count, "last_seen_at": alert.last_seen_at,
+        "acknowledged_at": alert.acknowledged_at, "acknowledged_by": alert.acknowledged_by,
+        "on_scene_at": alert.on_scene_at, "on_scene_by": alert.on_scene_by,
+        "resolved_at": alert.resolved_at, "resolved_by": alert.resolved_by,
+        "outcome": alert.outcome.value if alert.outcome else None,
+        "next_step_at": next_step_at, "epoch": alert.epoch,
+    }  # fmt: skip

@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 from api_support import T0, api_client, login, raise_event, seed_tenants
-from support import scalar
+from support import scalar, until
 from test_alert_engine import drain
 
 
@@ -74,21 +74,65 @@ async def test_another_units_alert_is_404_and_absent_from_lists(database: str) -
 
 
 async def test_double_tap_with_one_idempotency_key_is_one_acknowledgement(database: str) -> None:
+    """Forced: the first tap holds the key's lock while it waits for the alert's row (held
+    here), and the second arrives then and waits for the key. Once the row is free, the
+    first acknowledges and the second replays its answer: one acknowledgement, never a
+    409 for the second tap (what a lookup before the lock, or none, would give)."""
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    await drain(database, T0)
+    alert_id = scalar(database, "SELECT id::text FROM alerts")
+    async with (
+        api_client(database) as api,
+        await psycopg.AsyncConnection.connect(database, autocommit=True) as watch,
+        await psycopg.AsyncConnection.connect(database) as held,
+    ):
+        duty = await login(api, "duty-a")
+        headers = {**duty, "Idempotency-Key": "tap-1"}
+        path = f"/api/alerts/{alert_id}/acknowledge"
+        await held.execute("SELECT 1 FROM alerts WHERE id = %s FOR UPDATE", (alert_id,))
+
+        async def waiting(kind: str) -> bool:
+            cur = await watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND wait_event = ANY(%s)",
+                (["transactionid", "tuple"] if kind == "row" else ["advisory"],))
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+        first = asyncio.create_task(api.post(path, headers=headers))
+        await until(lambda: waiting("row"), 10, "the first tap to wait for the alert's row")
+        second = asyncio.create_task(api.post(path, headers=headers))
+        await until(lambda: waiting("key"), 10, "the second tap to wait for the first's key")
+        await held.rollback()
+        answers = await asyncio.gather(first, second)
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        assert answers[0].json() == answers[1].json()
+        assert answers[0].json()["status"] == "acknowledged"
+        assert answers[1].headers.get("Idempotent-Replayed") == "true"
+        reused = await api.post(f"/api/alerts/{alert_id}/on-scene", headers=headers)
+        assert reused.status_code == 422
+    assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'acknowledged'") == 1
+
+
+async def test_an_actions_answer_is_the_alert_as_read_after_it(database: str) -> None:
+    """The answer to acknowledge, on scene and resolve is built from the view read with the
+    command and the state the command wrote: it equals the alert read afterwards."""
     seed_tenants(database)
     raise_event(database, "site-a", "wb-a", "fall")
     await drain(database, T0)
     alert_id = scalar(database, "SELECT id::text FROM alerts")
     async with api_client(database) as api:
         duty = await login(api, "duty-a")
-        headers = {**duty, "Idempotency-Key": "tap-1"}
-        path = f"/api/alerts/{alert_id}/acknowledge"
-        first, second = await asyncio.gather(api.post(path, headers=headers),
-                                             api.post(path, headers=headers))
-        assert (first.status_code, second.status_code) == (200, 200)
-        assert first.json() == second.json()
-        reused = await api.post(f"/api/alerts/{alert_id}/on-scene", headers=headers)
-        assert reused.status_code == 422
-    assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'acknowledged'") == 1
+        for action, body in (("acknowledge", None), ("on-scene", None),
+                             ("resolve", {"outcome": "handled", "note": "fine"})):
+            answer = await api.post(f"/api/alerts/{alert_id}/{action}", json=body,
+                                    headers={**duty, "Idempotency-Key": action})
+            assert answer.status_code == 200, answer.text
+            read = (await api.get(f"/api/alerts/{alert_id}", headers=duty)).json()
+            del read["timeline"]
+            assert answer.json() == read, action
+        assert read["status"] == "resolved" and read["outcome"] == "handled"
 
 
 async def test_bad_requests_are_4xx_with_a_reason(database: str) -> None:

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import JSONResponse
 from psycopg.rows import dict_row
 from pydantic import BaseModel, Field
 
@@ -18,12 +19,20 @@ from alerting.lifecycle import resolve as resolve_command
 from alerting.model import Alert, Channel, Outcome
 from alerting.planner import escalate_by_hand
 from gateway.alerts.directory import Directory, load_policy_book
-from gateway.alerts.unit_of_work import command
+from gateway.alerts.store import Finish
+from gateway.alerts.unit_of_work import Commanded, CommandReads, command, request_command
 from gateway.api.deps import Conn, CurrentUser, Now
-from gateway.api.idempotency import IdempotencyKey, once
+from gateway.api.idempotency import Answer, IdempotencyKey, once, once_sent
 from gateway.api.pagination import decode_cursor, encode_cursor
 from gateway.api.principal import Principal
-from gateway.api.views import ALERT_SELECT, AlertView, alert_views, view_from_row
+from gateway.api.views import (
+    ALERT_SELECT,
+    AlertView,
+    alert_views,
+    request_alert_view,
+    row_after,
+    view_from_row,
+)
 
 router = APIRouter(prefix="/api/alerts", tags=["alerts"])
 _Route = TypeVar("_Route", bound=Callable[..., Any])
@@ -167,31 +176,48 @@ async def get_alert(alert_id: uuid.UUID, conn: Conn, me: CurrentUser) -> AlertDe
     return AlertDetail(**view.model_dump(), timeline=timeline)
 
 
-# Whether the alert is in the caller's units (its view is read once, after the command).
-_IN_SCOPE = """
-SELECT 1 FROM alerts a JOIN sites s ON s.id = a.site_id
-WHERE a.id = %s AND s.organisation_id = ANY(%s)
-"""
-
-
-async def _act(
+async def _commanded(
     conn: Conn, me: Principal, alert_id: uuid.UUID, now: datetime,
-    make: Callable[[Alert], Command],
-) -> AlertView:
-    """Scope, command, answer: three steps, one view query. Under load every round trip
-    waits behind the feed and the engine on the shared event loop, so their number is
-    what an acknowledge costs (bench/README.md, api.py). The scope check comes first,
-    so an alert of another unit answers 404, never a 409 that says it exists. (Pipeline
-    mode for the command measured slower here: its syncs cost more than its writes.)"""
-    if await (await conn.execute(_IN_SCOPE, (alert_id, me.unit_list))).fetchone() is None:
-        raise not_found(alert_id)
+    make: Callable[[Alert], Command], sent: Finish[CommandReads] | None = None,
+) -> Commanded:
     try:
-        await command(conn, alert_id, make, now, worker=f"api:{me.actor}")
+        return await command(conn, alert_id, make, now, worker=f"api:{me.actor}", sent=sent)
     except IllegalTransition as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     except LookupError:
         raise not_found(alert_id) from None
-    return await _one(conn, me, alert_id)
+
+
+async def _act(
+    conn: Conn, me: Principal, key: str | None, path: str, alert_id: uuid.UUID,
+    now: datetime, make: Callable[[Alert], Command],
+) -> JSONResponse:
+    """Scope, command, answer in one transaction and, under load, as few turns of the
+    shared event loop as can be: every round trip waits behind the feed and the engine
+    (bench/README.md, api.py). The command's reads (the alert's lock, policy overrides,
+    fired steps, chain head) and the scoped view go out with the Idempotency-Key's lock
+    and lookup: one round trip; the unit path and the device are a second, the writes
+    ride with the COMMIT. The answer is the view read with them, in the state the
+    command wrote. The scope is checked before the command is: an alert of another unit
+    answers 404 as a missing one does, never a 409 that says it exists."""
+
+    async def send() -> Answer:
+        reads = await request_command(conn, alert_id, worker=f"api:{me.actor}")
+        view = await request_alert_view(conn, me, alert_id)  # after the lock: current
+
+        async def answer() -> AlertView:
+            row = await view()
+            if row is None:
+                raise not_found(alert_id)
+            done = await _commanded(conn, me, alert_id, now, make, sent=reads)
+            if done.alert is None or done.steps:
+                # a step fired with it: its notices may unmask the alert for its reader
+                return await _one(conn, me, alert_id)
+            return view_from_row(me, row_after(row, done.alert, done.next_step_at))
+
+        return answer
+
+    return await once_sent(conn, me, key, "POST", path, send)
 
 
 def _route_action(path: str, summary: str) -> Callable[[_Route], _Route]:
@@ -203,38 +229,37 @@ def _route_action(path: str, summary: str) -> Callable[[_Route], _Route]:
 @_route_action("/{alert_id}/acknowledge", "I take charge: stops the escalation at this level")
 async def acknowledge_alert(alert_id: uuid.UUID, conn: Conn, me: CurrentUser, now: Now,
                             request: Request, key: IdempotencyKey = None) -> Any:
-    return await once(conn, me, key, "POST", request.url.path, lambda: _act(
-        conn, me, alert_id, now, lambda a: acknowledge(me.actor, Channel.CONSOLE)))
+    return await _act(conn, me, key, request.url.path, alert_id, now,
+                      lambda a: acknowledge(me.actor, Channel.CONSOLE))
 
 
 @_route_action("/{alert_id}/on-scene", "Someone is with the resident")
 async def on_scene_alert(alert_id: uuid.UUID, conn: Conn, me: CurrentUser, now: Now,
                          request: Request, key: IdempotencyKey = None) -> Any:
-    return await once(conn, me, key, "POST", request.url.path, lambda: _act(
-        conn, me, alert_id, now, lambda a: on_scene(me.actor, Channel.CONSOLE)))
+    return await _act(conn, me, key, request.url.path, alert_id, now,
+                      lambda a: on_scene(me.actor, Channel.CONSOLE))
 
 
 @_route_action("/{alert_id}/resolve", "Close the alert with its outcome")
 async def resolve_alert(alert_id: uuid.UUID, body: ResolveBody, conn: Conn, me: CurrentUser,
                         now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await once(conn, me, key, "POST", request.url.path, lambda: _act(
-        conn, me, alert_id, now,
-        lambda a: resolve_command(me.actor, Channel.CONSOLE, Outcome(body.outcome), body.note)))
+    return await _act(conn, me, key, request.url.path, alert_id, now, lambda a: resolve_command(
+        me.actor, Channel.CONSOLE, Outcome(body.outcome), body.note))
 
 
 @_route_action("/{alert_id}/reopen", "Reopen a resolved alert (a cancel that was not one)")
 async def reopen_alert(alert_id: uuid.UUID, body: ReopenBody, conn: Conn, me: CurrentUser,
                        now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await once(conn, me, key, "POST", request.url.path, lambda: _act(
-        conn, me, alert_id, now, lambda a: reopen_command(me.actor, Channel.CONSOLE, body.note)))
+    return await _act(conn, me, key, request.url.path, alert_id, now,
+                      lambda a: reopen_command(me.actor, Channel.CONSOLE, body.note))
 
 
 @_route_action("/{alert_id}/comments", "Add a comment to the alert's record")
 async def comment_alert(alert_id: uuid.UUID, body: NoteBody, conn: Conn, me: CurrentUser,
                         now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await once(conn, me, key, "POST", request.url.path, lambda: _act(
-        conn, me, alert_id, now,
-        lambda a: Command(CommandKind.NOTE, me.actor, Channel.CONSOLE, note=body.text)))
+    return await _act(conn, me, key, request.url.path, alert_id, now,
+                      lambda a: Command(CommandKind.NOTE, me.actor, Channel.CONSOLE,
+                                        note=body.text))
 
 
 @_route_action("/{alert_id}/escalate", "Call the next rung of the ladder now, with a reason")
@@ -244,10 +269,11 @@ async def escalate_alert(alert_id: uuid.UUID, body: EscalateBody, conn: Conn, me
     street...), the audit names who escalated and why; 409 at the top rung."""
 
     async def run() -> AlertView:
-        view = await _one(conn, me, alert_id)
+        view = await _one(conn, me, alert_id)  # 404 before any 409
         directory = Directory(conn, await load_policy_book(conn))
         await directory.preload([view.site.id])
-        return await _act(conn, me, alert_id, now, lambda a: escalate_by_hand(
+        await _commanded(conn, me, alert_id, now, lambda a: escalate_by_hand(
             a, directory.policy_for(a), me.actor, Channel.CONSOLE, body.reason))
+        return await _one(conn, me, alert_id)
 
     return await once(conn, me, key, "POST", request.url.path, run)
