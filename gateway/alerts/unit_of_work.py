@@ -51,7 +51,7 @@ from alerting.rules import (
     signal_key,
 )
 from device_drivers import profiles as device_profiles
-from gateway.alerts.directory import Directory, load_policy_book, request_policy_book
+from gateway.alerts.directory import Directory, Unit, load_policy_book, request_policy_book
 from gateway.alerts.store import (
     Finish,
     PgAlertTransaction,
@@ -432,6 +432,28 @@ async def timers_tick(
     return out
 
 
+# The unit path of one alert's site, asked for by the alert's id, so it goes out with the
+# alert's lock instead of a round trip after it (``Directory.request_paths`` by site).
+_ALERT_UNIT_PATH = """
+WITH RECURSIVE up (id, parent_id, kind, webhook_url, depth) AS (
+    SELECT o.id, o.parent_id, o.kind, o.webhook_url, 0
+    FROM alerts a JOIN sites s ON s.id = a.site_id JOIN organisations o ON o.id = s.organisation_id
+    WHERE a.id = %s
+    UNION ALL
+    SELECT o.id, o.parent_id, o.kind, o.webhook_url, up.depth + 1
+    FROM organisations o JOIN up ON o.id = up.parent_id
+)
+SELECT id, kind, webhook_url FROM up ORDER BY depth
+"""
+
+
+class _CommandDirectory(Directory):
+    """A command's directory: its alert's unit path read with the alert's lock."""
+
+    def know_path(self, site_id: str, units: Sequence[Unit]) -> None:
+        self._paths[site_id] = tuple(units)
+
+
 @dataclass
 class Commanded(Outcome):
     """What a person's command did, with the alert as it now stands and its next timer
@@ -449,7 +471,7 @@ class CommandReads:
 
     alert_id: uuid.UUID
     tx: PgAlertTransaction
-    directory: Directory
+    directory: _CommandDirectory
     alert: Alert | None
     fired: frozenset[StepKey]
 
@@ -458,7 +480,7 @@ async def request_command(
     conn: psycopg.AsyncConnection[Any], alert_id: uuid.UUID, worker: str = "console"
 ) -> Finish[CommandReads]:
     """Send the reads of a command on ``alert_id`` (``store.Finish``): the alert's row
-    lock, the policy overrides, its fired steps and its audit-chain head. On a connection
+    lock, the policy overrides, its unit path, fired steps and audit-chain head. On a connection
     in pipeline mode they share one round trip with whatever the caller sends around
     them (the API sends its idempotency lookup and its view). Statements of a pipeline
     run in order, each with its own snapshot: the steps and the head are read once the
@@ -466,12 +488,16 @@ async def request_command(
     tx = PgAlertTransaction(conn, worker)
     locked = await request_alert_lock(conn, alert_id)
     book = await request_policy_book(conn)
+    path = await conn.execute(_ALERT_UNIT_PATH, (alert_id,))
     steps = await tx.request_fired_steps([alert_id])
     heads = await tx.request_heads([alert_id])
 
     async def finish() -> CommandReads:
         alert = await locked()
-        directory = Directory(conn, await book())
+        directory = _CommandDirectory(conn, await book())
+        units = [Unit(*r) for r in await path.fetchall()]
+        if alert is not None:
+            directory.know_path(alert.site_id, units)
         fired = (await steps()).get(alert_id, frozenset())
         await heads()
         return CommandReads(alert_id, tx, directory, alert, fired)
@@ -507,7 +533,7 @@ async def _apply_command(
     if alert is None:
         raise LookupError(f"no alert {reads.alert_id}")
     change = transition(alert, make(alert), now)
-    await reads.directory.preload([alert.site_id])
+    await reads.directory.preload([alert.site_id])  # read already: no round trip
 
     def fired_for(a: Alert) -> frozenset[StepKey]:
         return frozenset(k for k in reads.fired if k.epoch == a.epoch)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import datetime, timedelta
 
 import psycopg
+import psycopg.types.json
 from api_support import T0, api_client, login, raise_event, seed_tenants
 from support import scalar, until
 from test_alert_engine import drain
@@ -133,6 +135,35 @@ async def test_an_actions_answer_is_the_alert_as_read_after_it(database: str) ->
             del read["timeline"]
             assert answer.json() == read, action
         assert read["status"] == "resolved" and read["outcome"] == "handled"
+
+
+async def test_an_acknowledgement_follows_the_policy_of_the_alerts_own_unit(database: str) -> None:
+    """The command reads its alert's unit path by the alert's id (with the lock): station A's
+    override (remind after 2 min) times A's acknowledged fall; B's override (5 min) does
+    not, and B's fall keeps its own."""
+    seed_tenants(database)
+    ladder = [{"after_s": 0, "roles": ["duty"], "channels": ["console"]},
+              {"after_s": 60, "roles": ["supervisor"], "channels": ["console"]}]
+    with psycopg.connect(database, autocommit=True) as conn:
+        for unit, remind in (("station-a", 120), ("station-b", 300)):
+            conn.execute(
+                "INSERT INTO escalation_policies (unit_id, alert_type, severity, policy)"
+                " VALUES (%s, 'fall', 'critical', %s)",
+                (unit, psycopg.types.json.Jsonb({"name": unit, "levels": ladder,
+                                                 "remind_every_s": remind})))
+    raise_event(database, "site-a", "wb-a", "fall")
+    raise_event(database, "site-b", "wb-b", "fall")
+    await drain(database, T0)
+    with psycopg.connect(database) as conn:
+        ids = dict(conn.execute("SELECT site_id, id::text FROM alerts").fetchall())
+    async with api_client(database) as api:
+        for site, user, remind in (("site-a", "duty-a", 120), ("site-b", "duty-b", 300)):
+            acked = await api.post(f"/api/alerts/{ids[site]}/acknowledge",
+                                   headers={**await login(api, user), "Idempotency-Key": site})
+            assert acked.status_code == 200, acked.text
+            body = acked.json()
+            assert (datetime.fromisoformat(body["next_escalation_at"])
+                    - datetime.fromisoformat(body["acknowledged_at"])) == timedelta(seconds=remind)
 
 
 async def test_bad_requests_are_4xx_with_a_reason(database: str) -> None:
