@@ -10,7 +10,7 @@ engine's clock, never from the database's ``now()``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,9 +18,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from alerting.downlink import Downlink
 from alerting.model import Alert, AlertStatus, AlertType, Channel, Severity
 from alerting.pipeline import Recipient
 from alerting.policy import DEFAULTS, EscalationPolicy, Level, PolicyBook, PolicySet, Role
+from device_drivers import profiles as device_profiles
 from gateway.alerts.store import Finish, finished
 
 # Set-based: one statement per kind of look-up for a whole unit of work's alerts.
@@ -44,6 +46,24 @@ FROM staff s JOIN shifts sh ON sh.staff_id = s.id
 WHERE s.organisation_id = ANY(%s) AND s.role = 'duty' AND s.active
   AND sh.starts_at <= %s AND %s < sh.ends_at
 ORDER BY s.id
+"""
+# The first rung's people, asked for with the dedup-key lock before the sites' unit is
+# known (a site's unit is its organisation): the on-duty staff of each site's unit at
+# ``now``; a unit with nobody on duty comes back once with NULLs.
+_ON_DUTY_AT_SITES = """
+SELECT si.organisation_id, s.id, s.phone, s.apprise_url
+FROM sites si LEFT JOIN LATERAL (
+    SELECT DISTINCT st.id, st.phone, st.apprise_url
+    FROM staff st JOIN shifts sh ON sh.staff_id = st.id
+    WHERE st.organisation_id = si.organisation_id AND st.role = 'duty' AND st.active
+      AND sh.starts_at <= %s AND %s < sh.ends_at
+) s ON true
+WHERE si.id = ANY(%s)
+ORDER BY si.organisation_id, s.id
+"""
+_DEVICES = """
+SELECT d.site_id, d.id, d.profile FROM devices d
+JOIN unnest(%s::text[], %s::text[]) AS k (site_id, id) ON d.site_id = k.site_id AND d.id = k.id
 """
 _ONE_STAFF = "SELECT id, phone, apprise_url FROM staff WHERE id = ANY(%s)"
 _FAMILY = """
@@ -158,6 +178,9 @@ class Directory:
         self.book = book
         self._paths: dict[str, tuple[Unit, ...]] = {}
         self._people: dict[tuple[_Need, datetime | None], list[Mapping[str, Any]]] = {}
+        # (site, device) → the commands its profile carries out; None: profile unknown here.
+        self._commands: dict[tuple[str, str], frozenset[str] | None] = {}
+        self._devices_read: set[tuple[str, str]] = set()
 
     async def unit_path(self, site_id: str) -> tuple[Unit, ...]:
         """From the site's unit up to the bureau; empty for a site not in the tree."""
@@ -273,6 +296,58 @@ class Directory:
                 await cur.close()
 
         return finish
+
+    async def request_duty_at_sites(self, site_ids: Sequence[str], now: datetime) -> Finish[None]:
+        """Send the read of who is on duty at ``now`` in each site's unit (``store.Finish``),
+        before the units are known: the people of a first rung, read with the lock."""
+        sites = sorted(set(site_ids))
+        if not sites:
+            return finished(None)
+        cur = await self._send(_ON_DUTY_AT_SITES, (now, now, sites))
+
+        async def finish() -> None:
+            by_unit: dict[str, dict[str, Mapping[str, Any]]] = {}
+            for r in await cur.fetchall():
+                staff = by_unit.setdefault(r["organisation_id"], {})
+                if r["id"] is not None:
+                    staff[r["id"]] = r
+            await cur.close()
+            for unit, staff in by_unit.items():
+                self._people.setdefault(self._key(("duty", unit), now), list(staff.values()))
+
+        return finish
+
+    async def request_device_commands(self, devices: Iterable[tuple[str, str]]) -> Finish[None]:
+        """Send the read of what each (site, device) can carry out (``Profile.commands``)."""
+        missing = sorted({d for d in devices if d not in self._devices_read})
+        if not missing:
+            return finished(None)
+        self._devices_read.update(missing)
+        cur = await self.conn.execute(_DEVICES, ([s for s, _ in missing], [i for _, i in missing]))
+
+        async def finish() -> None:
+            for site, device, profile in await cur.fetchall():
+                try:
+                    self._commands[(site, device)] = frozenset(
+                        device_profiles.get(str(profile)).commands
+                    )
+                except KeyError:
+                    self._commands[(site, device)] = None
+
+        return finish
+
+    def accepts(self, downlink: Downlink) -> bool:
+        """Whether to queue ``downlink`` (its device read by ``request_device_commands``).
+
+        The engine's downlinks are per alert type ("alarm received" blinks a button's
+        LED; a wristband has no such command): a command the profile lacks is not
+        queued at all. A device the registry does not know, or whose profile is not
+        known here, is sent the command, and the edge's answer says what became of it."""
+        key = (downlink.site_id, downlink.device_id)
+        if key not in self._commands:
+            return True
+        commands = self._commands[key]
+        return commands is None or downlink.action in commands
 
     @staticmethod
     def _key(need: _Need, now: datetime) -> tuple[_Need, datetime | None]:

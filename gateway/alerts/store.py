@@ -81,13 +81,33 @@ _NEXT_STEPS = """
 UPDATE alerts a SET next_step_at = u.at
 FROM unnest(%s::uuid[], %s::timestamptz[]) AS u (id, at) WHERE a.id = u.id
 """
-_STEPS = """
+# Parameters: ``step_params``. A step already recorded fired before: it is not recorded again.
+STEPS_INSERT = """
 INSERT INTO alert_steps (step_id, alert_id, epoch, kind, level, n, due_at, fired_at, fired_by)
 SELECT step_id, alert_id, epoch, kind, level, n, due_at, %s, %s
 FROM unnest(%s::text[], %s::uuid[], %s::int[], %s::text[], %s::smallint[], %s::int[],
             %s::timestamptz[]) AS s (step_id, alert_id, epoch, kind, level, n, due_at)
 ON CONFLICT (step_id) DO NOTHING
 RETURNING step_id
+"""
+# The open alerts of some dedup keys locked in key order, then, as statements of their
+# own in the same pipeline (so each starts once the locks are held and sees every step
+# and head committed before), their fired steps of the current epoch and their
+# audit-chain heads, locked in alert order after the alerts as ``request_heads`` does.
+_LOCK_OPEN = f"""
+SELECT {_ALERT_COLUMNS} FROM alerts WHERE dedup_key = ANY(%s) AND status <> 'resolved'
+ORDER BY dedup_key FOR UPDATE
+"""
+_STEPS_OF_OPEN = """
+SELECT s.alert_id, s.epoch, s.kind, s.level, s.n
+FROM alert_steps s JOIN alerts a ON a.id = s.alert_id AND a.epoch = s.epoch
+WHERE a.dedup_key = ANY(%s) AND a.status <> 'resolved'
+"""
+_HEADS_OF_OPEN = """
+SELECT h.alert_id, h.seq, h.hash
+FROM alert_audit_heads h JOIN alerts a ON a.id = h.alert_id
+WHERE a.dedup_key = ANY(%s) AND a.status <> 'resolved'
+ORDER BY h.alert_id FOR UPDATE OF h
 """
 
 
@@ -195,6 +215,50 @@ class PgAlertTransaction:
             (sorted(dedup_keys),),
         )
         return {a.dedup_key: a for a in rows}
+
+    async def request_open(
+        self, dedup_keys: Sequence[str]
+    ) -> Finish[tuple[dict[str, Alert], dict[uuid.UUID, frozenset[StepKey]]]]:
+        """``lock_open`` with what follows the lock sent in the same round trip: the open
+        alerts by dedup key and their fired steps; their chain heads are locked and kept.
+
+        Statements of one pipeline run one after the other: the reads start once the
+        alert locks are held, and a step or head is only written under its alert's lock
+        (a step's foreign key alone needs a key-share lock on the row, which ours
+        excludes), so they see every step fired and every head written before: never a
+        snapshot taken before a wait for the lock."""
+        keys = sorted(set(dedup_keys))
+        if not keys:
+            return finished(({}, {}))
+        lock = self.conn.cursor(row_factory=dict_row)
+        await lock.execute(_LOCK_OPEN, (keys,))
+        steps = self.conn.cursor(row_factory=dict_row)
+        await steps.execute(_STEPS_OF_OPEN, (keys,))
+        heads = await self.conn.execute(_HEADS_OF_OPEN, (keys,))
+
+        async def finish() -> tuple[dict[str, Alert], dict[uuid.UUID, frozenset[StepKey]]]:
+            alerts = {a.dedup_key: a for a in map(alert_from_row, await lock.fetchall())}
+            locked = {a.id for a in alerts.values()}
+            fired: dict[uuid.UUID, set[StepKey]] = {}
+            for r in await steps.fetchall():
+                if r["alert_id"] in locked:  # an alert opened meanwhile is not ours
+                    fired.setdefault(r["alert_id"], set()).add(step_key_from_row(r))
+            for alert_id in locked:
+                self._heads.setdefault(alert_id, None)
+            for alert_id, seq, digest in await heads.fetchall():
+                if alert_id in locked:
+                    self._heads[alert_id] = ChainHead(alert_id, seq, bytes(digest))
+            await lock.close()
+            await steps.close()
+            return alerts, {k: frozenset(v) for k, v in fired.items()}
+
+        return finish
+
+    def new_chains(self, alert_ids: Iterable[uuid.UUID]) -> None:
+        """Alerts opened in this transaction: their chains start here, no head to read.
+        (An alert's id derives from the event that opens it, applied once.)"""
+        for alert_id in alert_ids:
+            self._heads.setdefault(alert_id, None)
 
     async def lock_alert(self, alert_id: uuid.UUID) -> Alert | None:
         rows = await self._alerts(
@@ -325,13 +389,16 @@ class PgAlertTransaction:
         already there fired before). One statement for the whole list."""
         if not steps:
             return frozenset()
-        cur = await self.conn.execute(
-            _STEPS,
-            (at, self.worker, [k.id for k, _ in steps], [k.alert_id for k, _ in steps],
-             [k.epoch for k, _ in steps], [k.kind.value for k, _ in steps],
-             [k.level for k, _ in steps], [k.n for k, _ in steps], [d for _, d in steps]),
-        )  # fmt: skip
+        cur = await self.conn.execute(STEPS_INSERT, self.step_params(steps, at))
         return frozenset(str(r[0]) for r in await cur.fetchall())
+
+    def step_params(self, steps: Sequence[tuple[StepKey, datetime]], at: datetime) -> list[Any]:
+        """The parameters of ``STEPS_INSERT``: each (step, due) fired at ``at`` by us."""
+        return [
+            at, self.worker, [k.id for k, _ in steps], [k.alert_id for k, _ in steps],
+            [k.epoch for k, _ in steps], [k.kind.value for k, _ in steps],
+            [k.level for k, _ in steps], [k.n for k, _ in steps], [d for _, d in steps],
+        ]  # fmt: skip
 
     async def set_next_step_at(self, alert_id: uuid.UUID, at: datetime | None) -> None:
         await self.set_next_steps_at([(alert_id, at)])

@@ -19,6 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -50,26 +51,41 @@ from alerting.rules import (
     dedup_keys,
     signal_key,
 )
-from device_drivers import profiles as device_profiles
 from gateway.alerts.directory import Directory, Unit, load_policy_book, request_policy_book
 from gateway.alerts.store import (
+    STEPS_INSERT,
     Finish,
     PgAlertTransaction,
     columns,
-    finished,
     request_alert_lock,
 )
 
 log = logging.getLogger(__name__)
 
 # One statement per kind for a whole unit of work (rows as unnest columns, store.columns).
-_NOTICES = """
+_NOTICE_ROWS = """
 INSERT INTO notifications (key, alert_id, step_id, level, person_id, role, channel, target, text,
     until_status, fallback, not_before, channel_since)
 SELECT * FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
                      %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
                      %s::timestamptz[], %s::timestamptz[])
-ON CONFLICT (key) DO NOTHING
+    AS n (key, alert_id, step_id, level, person_id, role, channel, target, text, until_status,
+          fallback, not_before, channel_since)
+"""
+_NOTICES = _NOTICE_ROWS + "ON CONFLICT (key) DO NOTHING"
+# The steps of a unit of work whose fired steps were read under the alerts' locks: each
+# step recorded once (ON CONFLICT DO NOTHING), the notices of the steps that are new only,
+# in one statement with no answer to wait for. Every step is expected new (the steps
+# read after the lock): one that is not fails the statement, so the transaction rolls
+# back before its commit and the events are applied one at a time, where the RETURNING
+# of the steps recorded decides (``intake_batch``).
+_STEPS_NOTIFYING = f"""
+WITH new AS ({STEPS_INSERT}),
+noticed AS ({_NOTICE_ROWS} WHERE n.step_id IN (SELECT step_id FROM new)
+            ON CONFLICT (key) DO NOTHING)
+SELECT CASE WHEN count(*) = %s THEN 0
+            ELSE ('steps already recorded: ' || (%s - count(*)))::int END
+FROM new
 """
 _DOWNLINKS = """
 INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action, created_at)
@@ -86,6 +102,8 @@ SELECT id, event_id, time, site_id, device_id, type, phase, profile, data FROM e
 WHERE pg_try_advisory_xact_lock({SITE_LOCK_SPACE}, hashtext(site_id))
 ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
 """
+_SAVEPOINT = "engine_intake"
+_DELETE_INBOX = "DELETE FROM engine_inbox WHERE id = ANY(%s)"
 _DEAD = """
 INSERT INTO engine_dead_letters (event_id, event, reason) VALUES (%s, %s, %s)
 ON CONFLICT (event_id) DO UPDATE SET reason = excluded.reason, failed_at = now()
@@ -121,41 +139,58 @@ def event_from_row(r: dict[str, Any]) -> EngineEvent:
 
 
 async def persist(
-    tx: PgAlertTransaction, directory: Directory, effects: Effects, now: datetime, out: Outcome
+    tx: PgAlertTransaction,
+    directory: Directory,
+    effects: Effects,
+    now: datetime,
+    out: Outcome,
+    *,
+    steps_read_locked: bool = False,
 ) -> None:
     """Write ``effects`` with a handful of set-based statements, whatever the batch's size.
 
-    The reads come first (audit-chain heads, the roles' people, the devices' profiles),
-    then the writes; on a connection in pipeline mode only the fired-steps insert (its
-    RETURNING says which steps are new) waits for PostgreSQL before the commit."""
-    changes = [t for t in effects.transitions if "step" not in t.audit.detail]
+    The reads come first (audit-chain heads, the roles' people, the devices' profiles;
+    none when read already), then the writes. On a connection in pipeline mode only the
+    fired-steps insert (its RETURNING says which steps are new) waits for PostgreSQL
+    before the commit; with ``steps_read_locked`` (the fired steps were read after the
+    alerts' locks, ``PgAlertTransaction.request_open``) every step is new and nothing
+    waits: a step found recorded fails the transaction instead (``_STEPS_NOTIFYING``)."""
     wanted = [(alert, step.roles) for alert, step in effects.steps]
     heads = await tx.request_heads(t.after.id for t in effects.transitions)
     recipients = await directory.request_recipients(wanted, now)
-    devices = await _request_devices(tx, effects.downlinks)
+    devices = await directory.request_device_commands(
+        (d.site_id, d.device_id) for d in effects.downlinks
+    )
     await heads()
     people = await recipients()
-    accepted = await devices()
-    async with tx.opening_race():
-        await tx.save(changes)  # a new alert's row first: its steps refer to it
-        new = await tx.record_steps([(step.key, step.at) for _, step in effects.steps], now)
+    await devices()
+    if steps_read_locked:
+        await tx.save(effects.transitions)  # a new alert's row first: its steps refer to it
+        new = frozenset(step.key.id for _, step in effects.steps)
+        out.alerts.update(t.after.id for t in effects.transitions)
+    else:
+        changes = [t for t in effects.transitions if "step" not in t.audit.detail]
+        async with tx.opening_race():
+            await tx.save(changes)  # a new alert's row first: its steps refer to it
+            new = await tx.record_steps([(step.key, step.at) for _, step in effects.steps], now)
+        out.steps_already_fired += len(effects.steps) - len(new)
+        fired = [
+            t for t in effects.transitions
+            if "step" in t.audit.detail and t.audit.detail["step"] in new
+        ]  # fmt: skip
+        # Each alert's row ends in its last kept state: in a batch of events, a repeat may
+        # follow the step its opening fired, and the step's own state is then not the last.
+        kept = [t for t in effects.transitions
+                if "step" not in t.audit.detail or t.audit.detail["step"] in new]  # fmt: skip
+        await tx.save(fired, rows=list({t.after.id: t.after for t in kept}.values()))
+        out.alerts.update(t.after.id for t in (*changes, *fired))
     out.steps += len(new)
-    out.steps_already_fired += len(effects.steps) - len(new)
-    fired = [
-        t for t in effects.transitions
-        if "step" in t.audit.detail and t.audit.detail["step"] in new
-    ]  # fmt: skip
-    # Each alert's row ends in its last kept state: in a batch of events, a repeat may
-    # follow the step its opening fired, and the step's own state is then not the last.
-    kept = [t for t in effects.transitions
-            if "step" not in t.audit.detail or t.audit.detail["step"] in new]  # fmt: skip
-    await tx.save(fired, rows=list({t.after.id: t.after for t in kept}.values()))
-    out.alerts.update(t.after.id for t in (*changes, *fired))
     planned = [
         PlannedStep(alert, step, found)
         for (alert, step), found in zip(effects.steps, people, strict=True)
         if step.key.id in new
     ]
+    notices: list[tuple[Any, ...]] = []
     if planned:
         batch = await Escalate()(Batch(now, steps=tuple(planned)))
         notices = [
@@ -164,14 +199,21 @@ async def persist(
              Jsonb([[c.value, t] for c, t in n.fallback]), n.not_before, n.channel_since)
             for n in batch.pending
         ]  # fmt: skip
-        if notices:
-            await tx.conn.execute(_NOTICES, columns(notices, 13))
-        out.notices += len(notices)
+    if steps_read_locked and effects.steps:
+        recorded = [(step.key, step.at) for _, step in effects.steps]
+        await tx.conn.execute(
+            _STEPS_NOTIFYING,
+            [*tx.step_params(recorded, now), *columns(notices, 13), len(recorded), len(recorded)],
+        )
+    elif notices:
+        await tx.conn.execute(_NOTICES, columns(notices, 13))
+    out.notices += len(notices)
+    if planned:
         await tx.audit([u.audit() for u in batch.unstaffed])
     downlinks = [
         (d.command_id, d.alert_id, d.site_id, d.device_id, d.action, now)
         for d in effects.downlinks
-        if _accepts(accepted, d)
+        if directory.accepts(d)
     ]
     if downlinks:
         await tx.conn.execute(_DOWNLINKS, columns(downlinks, 6))
@@ -180,47 +222,6 @@ async def persist(
     if effects.next_step_at:
         # Timer workers sleep until the earliest deadline they know: tell them at commit.
         await tx.conn.execute("SELECT pg_notify('engine_timers', '')")
-
-
-async def _request_devices(
-    tx: PgAlertTransaction, downlinks: Sequence[Downlink]
-) -> Finish[dict[tuple[str, str], frozenset[str] | None]]:
-    """The commands each downlink's device can carry out (``Profile.commands``).
-
-    The engine's downlinks are per alert type ("alarm received" blinks a button's
-    LED; a wristband has no such command): a command the profile lacks is not
-    queued at all. A device the registry does not know, or whose profile is not
-    known here (None), is sent the command, and the edge's answer says what became
-    of it.
-    """
-    if not downlinks:
-        return finished({})
-    keys = sorted({(d.site_id, d.device_id) for d in downlinks})
-    cur = await tx.conn.execute(
-        "SELECT d.site_id, d.id, d.profile FROM devices d"
-        " JOIN unnest(%s::text[], %s::text[]) AS k (site_id, id)"
-        " ON d.site_id = k.site_id AND d.id = k.id",
-        ([s for s, _ in keys], [i for _, i in keys]),
-    )
-
-    async def finish() -> dict[tuple[str, str], frozenset[str] | None]:
-        out: dict[tuple[str, str], frozenset[str] | None] = {}
-        for site, device, profile in await cur.fetchall():
-            try:
-                out[(site, device)] = frozenset(device_profiles.get(str(profile)).commands)
-            except KeyError:
-                out[(site, device)] = None
-        return out
-
-    return finish
-
-
-def _accepts(accepted: dict[tuple[str, str], frozenset[str] | None], d: Downlink) -> bool:
-    key = (d.site_id, d.device_id)
-    if key not in accepted:
-        return True  # not in the registry: sent, and the edge answers
-    commands = accepted[key]
-    return commands is None or d.action in commands
 
 
 async def _settle_and_persist(
@@ -267,67 +268,95 @@ def _lock_order(row: dict[str, Any]) -> tuple[str, ...]:
 async def intake_batch(
     conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 50, worker: str = "engine"
 ) -> Outcome:
-    """Claim up to ``limit`` inbox rows (SKIP LOCKED), apply each, delete them; one commit.
+    """Claim up to ``limit`` inbox rows (SKIP LOCKED), apply them, delete them; one commit.
 
-    In pipeline mode: a statement whose result nothing reads (the writes, savepoints,
-    the deletes) costs no round trip of its own; only reads wait for PostgreSQL."""
+    Together first, in three round trips: the claim (with the policy overrides); the
+    dedup-key lock (with the unit paths, fired steps, chain heads, on-duty staff and
+    device profiles it needs); every write, the inbox delete and the commit. A batch
+    the database refuses (lost a race to open a key, a check, a step found recorded)
+    fails at that commit as a whole and rolls back: its events are then claimed again
+    and applied one at a time, each in a savepoint of its own, retried or dead-lettered
+    alone."""
+    # Inside a caller's transaction (ingest may run the intake with its events) the batch
+    # is a savepoint of it, named to roll back to when the refusal comes at its release.
+    savepoint = None if conn.info.transaction_status is TransactionStatus.IDLE else _SAVEPOINT
+    try:
+        return await _intake_together(conn, now, limit, worker, savepoint)
+    except psycopg.OperationalError:
+        raise
+    except (StoreError, psycopg.DatabaseError, ValueError, KeyError, IllegalTransition) as exc:
+        log.info("inbox batch applied one event at a time: %s", exc)
+        if conn.info.transaction_status is TransactionStatus.INERROR:
+            # Refused at the commit (or the savepoint's release): the pipeline skipped
+            # everything after the error, so the transaction is still to be undone.
+            if savepoint is None:
+                await conn.rollback()
+            else:
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
+        return await _intake_one_at_a_time(conn, now, limit, worker)
+
+
+async def _intake_together(
+    conn: psycopg.AsyncConnection[Any],
+    now: datetime,
+    limit: int,
+    worker: str,
+    savepoint: str | None,
+) -> Outcome:
     out = Outcome()
-    async with conn.pipeline(), conn.transaction():
+    async with conn.pipeline(), conn.transaction(savepoint):
         book = await request_policy_book(conn)  # sent with the claim: one round trip
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_CLAIM_INBOX, (limit,))
-            rows = await cur.fetchall()
+        rows = await _claim_inbox(conn, limit)
         if not rows:
             return out
-        # Alerts are locked in key order across the batch, so two workers never deadlock.
-        rows.sort(key=lambda r: (_lock_order(r), r["id"]))
         tx = PgAlertTransaction(conn, worker)
         directory = Directory(conn, await book())
-        paths = await directory.request_paths([r["site_id"] for r in rows])
-        together = Outcome()
-        try:
-            async with conn.transaction():  # a savepoint: the whole batch at once
-                await _apply_rows_together(conn, tx, directory, paths, rows, now, together)
-            _merge(out, together)
-        except psycopg.OperationalError:
-            raise
-        except (StoreError, psycopg.DatabaseError, ValueError, KeyError, IllegalTransition) as exc:
-            # Lost a race to open a key, or the database or a check refused something:
-            # one event at a time, each in a savepoint of its own, retried or
-            # dead-lettered alone.
-            log.info("inbox batch applied one event at a time: %s", exc)
-            tx.forget()
-            await paths()
-            for row in rows:
-                await _apply_row(conn, tx, directory, row, now, out)
+        await _apply_rows_together(conn, tx, directory, rows, now, out)
         out.events += len(rows)
-        done = [r["id"] for r in rows]
-        await conn.execute("DELETE FROM engine_inbox WHERE id = ANY(%s)", (done,))
+        await conn.execute(_DELETE_INBOX, ([r["id"] for r in rows],))
     return out
 
 
-def _merge(into: Outcome, part: Outcome) -> None:
-    into.ignored += part.ignored
-    into.dead += part.dead
-    into.steps += part.steps
-    into.steps_already_fired += part.steps_already_fired
-    into.notices += part.notices
-    into.downlinks += part.downlinks
-    into.alerts |= part.alerts
+async def _intake_one_at_a_time(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int, worker: str
+) -> Outcome:
+    out = Outcome()
+    async with conn.pipeline(), conn.transaction():
+        book = await request_policy_book(conn)
+        rows = await _claim_inbox(conn, limit)
+        if not rows:
+            return out
+        tx = PgAlertTransaction(conn, worker)
+        directory = Directory(conn, await book())
+        for row in rows:
+            await _apply_row(conn, tx, directory, row, now, out)
+        out.events += len(rows)
+        await conn.execute(_DELETE_INBOX, ([r["id"] for r in rows],))
+    return out
+
+
+async def _claim_inbox(conn: psycopg.AsyncConnection[Any], limit: int) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_CLAIM_INBOX, (limit,))
+        rows = await cur.fetchall()
+    # Alerts are locked in key order across the batch, so two workers never deadlock.
+    rows.sort(key=lambda r: (_lock_order(r), r["id"]))
+    return rows
 
 
 async def _apply_rows_together(
     conn: psycopg.AsyncConnection[Any],
     tx: PgAlertTransaction,
     directory: Directory,
-    paths: Finish[None],
     rows: Sequence[dict[str, Any]],
     now: datetime,
     out: Outcome,
 ) -> None:
     """The batch's events in order, as ``apply_event`` would apply them one by one, but
-    decided and settled in memory and persisted once: one lock of every dedup key, one
-    read of fired steps, one set-based write. An event the rules refuse is dead-lettered
+    decided and settled in memory and persisted once: one round trip for every read (the
+    lock of every dedup key, fired steps, chain heads, unit paths, who is on duty, the
+    devices' profiles), one set-based write. An event the rules refuse is dead-lettered
     before anything of it is kept."""
     events: list[tuple[dict[str, Any], EngineEvent, tuple[str, ...]]] = []
     for row in rows:
@@ -336,10 +365,19 @@ async def _apply_rows_together(
             events.append((row, event, tuple(dedup_keys(event))))
         except (ValueError, KeyError) as exc:
             await _dead_letter(conn, row, exc, out)
-    keys = sorted({k for _, _, ks in events for k in ks})
-    open_by_key = dict(await tx.lock_open(keys))  # answered with the unit paths sent before
+    sites = [r["site_id"] for r in rows]
+    paths = await directory.request_paths(sites)
+    locked = await tx.request_open([k for _, _, ks in events for k in ks])
+    # Sent speculatively, before the decision: what a first rung and a downlink need.
+    duty = await directory.request_duty_at_sites(sites, now)
+    devices = await directory.request_device_commands(
+        (e.site_id, e.device_id) for _, e, _ in events if e.device_id
+    )
+    open_by_key, recorded = await locked()
     await paths()
-    recorded = await tx.fired_steps_of([a.id for a in open_by_key.values()])
+    await duty()
+    await devices()
+    opened = set()
     fired_now: dict[uuid.UUID, set[StepKey]] = {}
 
     def fired_for(alert: Alert) -> frozenset[StepKey]:
@@ -373,9 +411,12 @@ async def _apply_rows_together(
                 if alert.dedup_key in open_by_key and open_by_key[alert.dedup_key].id == alert.id:
                     del open_by_key[alert.dedup_key]
             else:
+                if alert.dedup_key not in open_by_key:
+                    opened.add(alert.id)
                 open_by_key[alert.dedup_key] = alert
+    tx.new_chains(opened)
     merged = Effects(tuple(transitions), tuple(steps), tuple(downlinks), tuple(plans.items()))
-    await persist(tx, directory, merged, now, out)
+    await persist(tx, directory, merged, now, out, steps_read_locked=True)
 
 
 async def _dead_letter(
