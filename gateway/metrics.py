@@ -16,6 +16,11 @@ INGEST_UNREGISTERED = Counter(
     "eldersafe_ingest_unregistered_site_messages_total",
     "messages stored for a site that is not registered (see table unregistered_sources)",
 )
+INGEST_ALERTS_DEFERRED = Counter(
+    "eldersafe_ingest_alerts_deferred_total",
+    "alarm batches committed without their alerts (the engine's intake in the ingest"
+    " transaction failed or timed out; the engine's inbox workers raise them)",
+)
 INGEST_COMMAND_RESULTS = Counter(
     "eldersafe_ingest_command_results_total", "command results received (before dedup)"
 )

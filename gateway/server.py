@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from datetime import timedelta
 
 import psycopg
 
 from gateway.alerts.downlink import DownlinkWorkers
+from gateway.alerts.inline import intake_in_transaction
 from gateway.alerts.workers import EngineWorkers
 from gateway.api import privacy
 from gateway.api.app import serve_api
@@ -26,7 +28,7 @@ from gateway.db.migrate import migrate
 from gateway.db.retention import delete_old_sensitive_telemetry, drop_old_telemetry
 from gateway.heap import freeze_when
 from gateway.ingest.pipeline import IngestPipeline
-from gateway.ingest.store import IngestStore
+from gateway.ingest.store import AlarmStore, IngestStore
 from gateway.mqtt.consumer import MqttConsumer, MqttEndpoint, SessionIncident
 from gateway.notify.runner import runner_from
 
@@ -129,8 +131,14 @@ async def serve(settings: Settings) -> None:
         )
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     store = IngestStore(settings.database_url)
-    # device events on a connection of their own: never behind a telemetry COPY in flight
-    alarm_store = IngestStore(settings.database_url)
+    # device events on a connection of their own, never behind a telemetry COPY in
+    # flight, their alerts raised in the same transaction (gateway/alerts/inline.py)
+    alarm_store = AlarmStore(
+        settings.database_url,
+        after_events=functools.partial(
+            intake_in_transaction, clock=settings.engine_clock, worker=settings.mqtt_username
+        ),
+    )
     pipeline = IngestPipeline(store, alarm_store=alarm_store)
     incidents: asyncio.Queue[SessionIncident] = asyncio.Queue()
     # the broker names the session after the account (use_username_as_clientid)

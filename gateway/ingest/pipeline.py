@@ -27,7 +27,7 @@ import psycopg
 
 from gateway import metrics
 from gateway.ingest.batch import Batch, Classifier, DeadLetter, DeadReason, internal_dead_letter
-from gateway.ingest.store import IngestStore
+from gateway.ingest.store import BatchStore
 from gateway.mqtt.codec import Publish
 from gateway.mqtt.consumer import MqttConsumer
 
@@ -53,7 +53,7 @@ def transient(exc: BaseException) -> bool:
 class _Lane:
     """Batches of one kind of traffic and the store that writes them, one at a time."""
 
-    def __init__(self, store: IngestStore) -> None:
+    def __init__(self, store: BatchStore) -> None:
         self.store = store
         self.batch = Batch()
         self.closed: deque[Batch] = deque()  # full batches waiting for the writer
@@ -63,9 +63,9 @@ class _Lane:
 class IngestPipeline:
     def __init__(
         self,
-        store: IngestStore,
+        store: BatchStore,
         *,
-        alarm_store: IngestStore | None = None,
+        alarm_store: BatchStore | None = None,
         high_water: int = 100_000,
         batch_messages: int = 8192,
         batch_rows: int = 50_000,
@@ -135,7 +135,7 @@ class IngestPipeline:
             await self._commit(lane.store, batch)
             self._acknowledge(batch)
 
-    async def _commit(self, store: IngestStore, batch: Batch) -> None:
+    async def _commit(self, store: BatchStore, batch: Batch) -> None:
         """Make the batch durable; a message the database refuses becomes a dead letter."""
         started = time.perf_counter()
         try:
@@ -158,7 +158,7 @@ class IngestPipeline:
             )  # fmt: skip
 
     async def _isolate(
-        self, store: IngestStore, raw: list[tuple[str, bytes, bool]]
+        self, store: BatchStore, raw: list[tuple[str, bytes, bool]]
     ) -> list[DeadLetter]:
         """Write ``raw`` in halves until each refused message stands alone as a dead letter.
 
@@ -193,7 +193,7 @@ class IngestPipeline:
             dead.append(letter)
         return dead
 
-    async def _write_dead_letter(self, store: IngestStore, letter: DeadLetter) -> None:
+    async def _write_dead_letter(self, store: BatchStore, letter: DeadLetter) -> None:
         """A dead letter must be stored before its message is acknowledged; never give up."""
         backoff = 0.1
         attempt = letter
@@ -212,7 +212,7 @@ class IngestPipeline:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _write_until_durable(self, store: IngestStore, batch: Batch) -> None:
+    async def _write_until_durable(self, store: BatchStore, batch: Batch) -> None:
         """Retry while the database is unreachable; raise what retrying cannot cure."""
         backoff = 0.1
         while True:

@@ -1,0 +1,50 @@
+"""The engine's intake run inside ingest's alarm transaction (``AlarmStore.after_events``).
+
+An event's alert is then committed with the event: no commit, notification and claim
+between them, which was most of the device → alert latency (bench/alert_latency.py).
+The inbox is still the guarantee: ``intake_batch`` claims the batch's own inbox rows
+(visible to its transaction, to nobody else before the commit) with the same site lock,
+dedup-key locks and exactly-once step records as the workers. What it cannot take (a
+site another server is working on, a lock held past ``LOCK_TIMEOUT``) stays in the
+inbox and the workers raise it after the commit, woken by the inbox trigger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from gateway import metrics
+from gateway.alerts.unit_of_work import Outcome, intake_batch
+from gateway.alerts.workers import ClockSource, engine_now
+
+# Ingest must not wait behind another server's alert: past this, the savepoint rolls
+# back and the workers take the event (they may wait; ingest's acknowledgements may not).
+LOCK_TIMEOUT = "20ms"
+STATEMENT_TIMEOUT = "2s"
+
+
+def count(out: Outcome) -> None:
+    """The engine's counters, as the workers count them."""
+    metrics.ENGINE_EVENTS.inc(out.events)
+    metrics.ENGINE_DEAD.inc(out.dead)
+    metrics.ENGINE_STEPS.inc(out.steps)
+
+
+async def intake_in_transaction(
+    conn: psycopg.AsyncConnection[Any], clock: ClockSource, worker: str, batch: int = 50
+) -> None:
+    """Apply the inbox rows the caller's transaction wrote (and any other free ones)."""
+    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+    await conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
+    now = await engine_now(conn, clock)
+    while True:
+        out = await intake_batch(conn, now, batch, worker)
+        count(out)
+        if out.events < batch:
+            break
+    # The COMMIT that follows numbers the change log under a lock (migration 0007): it
+    # waits as long as it must, and a timeout there would roll the events back.
+    await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+    await conn.execute("SET LOCAL statement_timeout TO DEFAULT")
