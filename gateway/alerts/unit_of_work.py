@@ -51,6 +51,7 @@ from alerting.rules import (
     dedup_keys,
     signal_key,
 )
+from device_drivers import profiles as device_profiles
 from gateway.alerts.directory import Directory, Unit, load_policy_book, request_policy_book
 from gateway.alerts.store import (
     STEPS_INSERT,
@@ -486,13 +487,31 @@ WITH RECURSIVE up (id, parent_id, kind, webhook_url, depth) AS (
 )
 SELECT id, kind, webhook_url FROM up ORDER BY depth
 """
+# The profile of the alert's device (none: not in the registry), for its downlink.
+_ALERT_DEVICE = """
+SELECT d.profile FROM alerts a JOIN devices d ON d.site_id = a.site_id AND d.id = a.device_id
+WHERE a.id = %s
+"""
 
 
 class _CommandDirectory(Directory):
-    """A command's directory: its alert's unit path read with the alert's lock."""
+    """A command's directory: its alert's unit path and device read with the alert's lock
+    (by the alert's id), not in round trips after it."""
 
     def know_path(self, site_id: str, units: Sequence[Unit]) -> None:
         self._paths[site_id] = tuple(units)
+
+    def know_device(self, site_id: str, device_id: str, profile: str | None) -> None:
+        """As ``request_device_commands`` reads it: the commands of a known profile, None
+        for a profile not known here; a device not in the registry is read, not known."""
+        self._devices_read.add((site_id, device_id))
+        if profile is not None:
+            try:
+                self._commands[(site_id, device_id)] = frozenset(
+                    device_profiles.get(profile).commands
+                )
+            except KeyError:
+                self._commands[(site_id, device_id)] = None
 
 
 @dataclass
@@ -521,15 +540,17 @@ async def request_command(
     conn: psycopg.AsyncConnection[Any], alert_id: uuid.UUID, worker: str = "console"
 ) -> Finish[CommandReads]:
     """Send the reads of a command on ``alert_id`` (``store.Finish``): the alert's row
-    lock, the policy overrides, its unit path, fired steps and audit-chain head. On a connection
-    in pipeline mode they share one round trip with whatever the caller sends around
-    them (the API sends its idempotency lookup and its view). Statements of a pipeline
-    run in order, each with its own snapshot: the steps and the head are read once the
-    row's lock is held, and the head is locked after the row, as every writer does."""
+    lock, the policy overrides, its unit path, device, fired steps and audit-chain head.
+    On a connection in pipeline mode they share one round trip with whatever the caller
+    sends around them (the API sends its idempotency lookup and its view). Statements of
+    a pipeline run in order, each with its own snapshot: the steps and the head are read
+    once the row's lock is held, and the head is locked after the row, as every writer
+    does."""
     tx = PgAlertTransaction(conn, worker)
     locked = await request_alert_lock(conn, alert_id)
     book = await request_policy_book(conn)
     path = await conn.execute(_ALERT_UNIT_PATH, (alert_id,))
+    device = await conn.execute(_ALERT_DEVICE, (alert_id,))
     steps = await tx.request_fired_steps([alert_id])
     heads = await tx.request_heads([alert_id])
 
@@ -537,8 +558,13 @@ async def request_command(
         alert = await locked()
         directory = _CommandDirectory(conn, await book())
         units = [Unit(*r) for r in await path.fetchall()]
+        profile = await device.fetchone()
         if alert is not None:
             directory.know_path(alert.site_id, units)
+            if alert.device_id is not None:
+                directory.know_device(
+                    alert.site_id, alert.device_id, str(profile[0]) if profile else None
+                )
         fired = (await steps()).get(alert_id, frozenset())
         await heads()
         return CommandReads(alert_id, tx, directory, alert, fired)

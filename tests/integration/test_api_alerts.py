@@ -166,6 +166,31 @@ async def test_an_acknowledgement_follows_the_policy_of_the_alerts_own_unit(data
                     - datetime.fromisoformat(body["acknowledged_at"])) == timedelta(seconds=remind)
 
 
+async def test_an_acknowledgement_tells_each_device_that_can_take_it(database: str) -> None:
+    """The acknowledge reads its alert's device with the alert's lock: a wristband is told
+    "help is coming", a smoke detector (no such command) is not, and a device the registry
+    does not know is sent it (its edge answers what became of it)."""
+    seed_tenants(database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO devices (site_id, id, profile, address)"
+                     " VALUES ('site-a', 'sd-a', 'es-sd1', 'sd:aa')")
+    for device in ("wb-a", "sd-a", "ghost-a"):
+        raise_event(database, "site-a", device, "sos")
+    await drain(database, T0)
+    with psycopg.connect(database) as conn:
+        ids = dict(conn.execute("SELECT device_id, id::text FROM alerts").fetchall())
+    async with api_client(database) as api:
+        duty = await login(api, "duty-a")
+        for device, alert_id in ids.items():
+            acked = await api.post(f"/api/alerts/{alert_id}/acknowledge",
+                                   headers={**duty, "Idempotency-Key": device})
+            assert acked.status_code == 200, acked.text
+    with psycopg.connect(database) as conn:
+        told = conn.execute("SELECT device_id FROM downlink_outbox WHERE action = 'acknowledge'"
+                            " ORDER BY device_id").fetchall()
+    assert told == [("ghost-a",), ("wb-a",)]
+
+
 async def test_bad_requests_are_4xx_with_a_reason(database: str) -> None:
     seed_tenants(database)
     async with api_client(database) as api:
