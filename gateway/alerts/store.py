@@ -59,12 +59,13 @@ ON CONFLICT (id) DO UPDATE SET
     outcome = excluded.outcome, resolved_at = excluded.resolved_at,
     resolved_by = excluded.resolved_by, updated_at = now()
 """
+# The chained rows and the new heads of their alerts: one statement.
 _AUDIT = """
-INSERT INTO alert_audit (time, alert_id, seq, actor, action, channel, detail, prev_hash, hash)
-SELECT * FROM unnest(%s::timestamptz[], %s::uuid[], %s::bigint[], %s::text[], %s::text[],
-                     %s::text[], %s::jsonb[], %s::bytea[], %s::bytea[])
-"""
-_HEADS = """
+WITH appended AS (
+    INSERT INTO alert_audit (time, alert_id, seq, actor, action, channel, detail, prev_hash, hash)
+    SELECT * FROM unnest(%s::timestamptz[], %s::uuid[], %s::bigint[], %s::text[], %s::text[],
+                         %s::text[], %s::jsonb[], %s::bytea[], %s::bytea[])
+)
 INSERT INTO alert_audit_heads (alert_id, seq, hash)
 SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::bytea[])
 ON CONFLICT (alert_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash
@@ -77,9 +78,13 @@ FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[], %s::text[], %s::jsonb[]
     WITH ORDINALITY AS c (alert_id, seq, time, action, alert, n)
 ORDER BY n
 """
+# Timer workers sleep until the earliest deadline they know: told at the commit.
 _NEXT_STEPS = """
-UPDATE alerts a SET next_step_at = u.at
-FROM unnest(%s::uuid[], %s::timestamptz[]) AS u (id, at) WHERE a.id = u.id
+WITH planned AS (
+    UPDATE alerts a SET next_step_at = u.at
+    FROM unnest(%s::uuid[], %s::timestamptz[]) AS u (id, at) WHERE a.id = u.id
+)
+SELECT pg_notify('engine_timers', '')
 """
 # Parameters: ``step_params``. A step already recorded fired before: it is not recorded again.
 STEPS_INSERT = """
@@ -346,10 +351,8 @@ class PgAlertTransaction:
             )  # fmt: skip
             self._heads[entry.alert_id] = heads[entry.alert_id] = head
             seqs.append(head.seq)
-        await self.conn.execute(_AUDIT, columns(rows, 9))
-        await self.conn.execute(
-            _HEADS, columns([(h.alert_id, h.seq, h.hash) for h in heads.values()], 3)
-        )
+        news = [(h.alert_id, h.seq, h.hash) for h in heads.values()]
+        await self.conn.execute(_AUDIT, [*columns(rows, 9), *columns(news, 3)])
         return seqs
 
     async def fired_steps(self, alert_id: uuid.UUID, epoch: int) -> frozenset[StepKey]:

@@ -10,9 +10,10 @@ alert's ``next_step_at``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -219,10 +220,7 @@ async def persist(
     if downlinks:
         await tx.conn.execute(_DOWNLINKS, columns(downlinks, 6))
         out.downlinks += len(downlinks)
-    await tx.set_next_steps_at(effects.next_step_at)
-    if effects.next_step_at:
-        # Timer workers sleep until the earliest deadline they know: tell them at commit.
-        await tx.conn.execute("SELECT pg_notify('engine_timers', '')")
+    await tx.set_next_steps_at(effects.next_step_at)  # and wakes the timer workers
 
 
 async def _settle_and_persist(
@@ -279,7 +277,7 @@ async def intake_batch(
     and applied one at a time, each in a savepoint of its own, retried or dead-lettered
     alone."""
     # Inside a caller's transaction (ingest may run the intake with its events) the batch
-    # is a savepoint of it, named to roll back to when the refusal comes at its release.
+    # is a savepoint of it, rolled back alone when refused.
     savepoint = None if conn.info.transaction_status is TransactionStatus.IDLE else _SAVEPOINT
     try:
         return await _intake_together(conn, now, limit, worker, savepoint)
@@ -287,15 +285,33 @@ async def intake_batch(
         raise
     except (StoreError, psycopg.DatabaseError, ValueError, KeyError, IllegalTransition) as exc:
         log.info("inbox batch applied one event at a time: %s", exc)
-        if conn.info.transaction_status is TransactionStatus.INERROR:
-            # Refused at the commit (or the savepoint's release): the pipeline skipped
-            # everything after the error, so the transaction is still to be undone.
-            if savepoint is None:
-                await conn.rollback()
-            else:
-                await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
-                await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
         return await _intake_one_at_a_time(conn, now, limit, worker)
+
+
+@contextlib.asynccontextmanager
+async def pipelined_transaction(
+    conn: psycopg.AsyncConnection[Any], savepoint: str | None = None
+) -> AsyncIterator[None]:
+    """A transaction (or, inside the caller's, a savepoint) in pipeline mode whose only
+    wait of its own is its COMMIT's round trip. BEGIN and COMMIT are sent as statements:
+    psycopg's ``transaction()`` in pipeline mode also waits as it starts and twice as it
+    ends (its nested pipelines' syncs), each wait a turn of the server's shared loop (the
+    API's ``pipelined_transaction`` does the same). On any failure, the commit included,
+    the work is rolled back before the error goes on."""
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN" if savepoint is None else f"SAVEPOINT {savepoint}")
+            yield
+            await conn.execute("COMMIT" if savepoint is None else f"RELEASE SAVEPOINT {savepoint}")
+    except BaseException:
+        if not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                if savepoint is None:
+                    await conn.rollback()
+                else:  # the release was skipped with everything after the error
+                    await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
+                    await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
+        raise
 
 
 async def _intake_together(
@@ -306,7 +322,7 @@ async def _intake_together(
     savepoint: str | None,
 ) -> Outcome:
     out = Outcome()
-    async with conn.pipeline(), conn.transaction(savepoint):
+    async with pipelined_transaction(conn, savepoint):
         book = await request_policy_book(conn)  # sent with the claim: one round trip
         rows = await _claim_inbox(conn, limit)
         if not rows:
