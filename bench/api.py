@@ -58,7 +58,7 @@ from gateway.local.ports import free_port  # noqa: E402
 
 SECRET = "bench-api-token-secret-0123456789abcdef"
 SITES = 10
-CHANGES_PREFIX = '{"type":"changes",'  # gateway.api.live.changes_message's start
+CHANGES_PREFIX = '{"type":"changes",'  # gateway.api.live.changes_payload's start
 INGEST_EVENT = """
 WITH fresh AS (
     INSERT INTO event_ledger (event_id, time) VALUES (%s, %s)
@@ -339,6 +339,13 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
             "final": final[0]}  # fmt: skip
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process used so far: the server's work
+    for the same load, which a busy machine delays but does not make larger."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def api_up(port: int, within_s: float = 60) -> None:
     import httpx
 
@@ -491,8 +498,12 @@ def main() -> int:
                 for w in others:
                     w.expect("done")
 
+            load_before = os.getloadavg()
+            cpu_before, wall_before = cpu_s(server.proc.pid), time.monotonic()
             drove = asyncio.run(drive(pg.dsn, host, args.rate, args.seconds, args.ack_every,
                                       tell_final))  # fmt: skip
+            server_cpu = cpu_s(server.proc.pid) - cpu_before
+            wall = time.monotonic() - wall_before
             final = drove["final"]
             with psycopg.connect(pg.dsn) as conn:
                 alerts = conn.execute("SELECT count(*) FROM alerts").fetchone()
@@ -542,6 +553,9 @@ def main() -> int:
     print(f"checks {'ok' if ok else 'FAILED'}: missing {missing}, doubled {doubled}, "
           f"acks {len(drove['statuses'])} answered {sorted(set(drove['statuses']))}, "
           f"unseen acks {drove['lost_acks']}")  # fmt: skip
+    print(f"server process CPU {server_cpu:.1f} s in {wall:.1f} s ({server_cpu / wall:.0%} of a "
+          f"core); load average {load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at "
+          f"the end")  # fmt: skip
     return 0 if ok else 1
 
 
