@@ -716,14 +716,15 @@ async def test_a_client_ahead_of_this_servers_reader_skips_what_it_already_has(
         await live.stop()
 
 
+@pytest.mark.parametrize("raw", [True, False], ids=["frames written from the fan-out", "ASGI"])
 async def test_pings_come_and_a_revoked_login_is_closed_at_the_next(
-    database: str, monkeypatch: pytest.MonkeyPatch
+    database: str, monkeypatch: pytest.MonkeyPatch, raw: bool
 ) -> None:
     """Credentials are checked again at every ping: a changed password or a disabled
     account (its token_version raised) ends the feed, as it ends HTTP access at once."""
     monkeypatch.setattr(feed_route, "PING_EVERY_S", 0.2)
     seed_tenants(database)
-    async with api_server(database) as host:
+    async with served(database, raw) as (host, _):
         token = await token_of(host, "duty-a")
         async with feed(host, token, None) as (console, _):
             assert (await console.next())["type"] == "ping"

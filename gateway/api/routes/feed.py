@@ -236,7 +236,10 @@ async def send_loop(
                 return
             except psycopg.Error as exc:  # the database is away: keep the client, try later
                 log.warning("feed: credentials of %s not re-checked: %s", sub.principal.actor, exc)
-            texts.append(message("ping"))
+            if sub.raw is None:
+                texts.append(message("ping"))
+            else:  # among the fan-out's writes, under its bound: never waits on the peer
+                sub.say(message("ping"))
         for text in texts:
             await websocket.send_text(text)
 
