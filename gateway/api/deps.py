@@ -12,9 +12,17 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
 
+from alerting.model import staff_actor
+from gateway.alerts.store import Finish
 from gateway.alerts.workers import engine_now
 from gateway.api.principal import KEY_PRINCIPAL, STAFF_PRINCIPAL, Principal, principal_from_row
-from gateway.api.security import API_KEY_PREFIX, BadToken, api_key_digest, read_token
+from gateway.api.security import (
+    API_KEY_PREFIX,
+    BadToken,
+    TokenClaims,
+    api_key_digest,
+    read_token,
+)
 from gateway.config import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="a token from POST /api/auth/login")
@@ -55,6 +63,18 @@ async def principal_from_credentials(
 ) -> Principal:
     """The caller of a bearer token or an API key; 401 for anything else. Shared by HTTP
     routes and the WebSocket feed, so both accept exactly the same credentials."""
+    caller = await caller_from_credentials(conn, settings, token, api_key)
+    if isinstance(caller, Principal):
+        return caller
+    return await (await request_principal(conn, caller))()
+
+
+async def caller_from_credentials(
+    conn: psycopg.AsyncConnection[Any], settings: Settings, token: str | None, api_key: str | None
+) -> Principal | TokenClaims:
+    """An API key's caller (read), or a staff token's signed claims, not yet checked
+    against the database: ``request_principal`` sends that check, so a route can send it
+    with its own statements (one round trip for both)."""
     if token and token.startswith(API_KEY_PREFIX):
         token, api_key = None, token  # "Authorization: Bearer esk_..." works too
     if api_key:
@@ -65,14 +85,25 @@ async def principal_from_credentials(
     if not token:
         raise unauthorized()
     try:
-        claims = read_token(settings.api_token_secret.get_secret_value(), token)
+        return read_token(settings.api_token_secret.get_secret_value(), token)
     except BadToken as exc:
         raise unauthorized(f"invalid token: {exc}") from None
-    # the person, their token_version, their organisation's kind and units: one statement
-    row = await (await conn.execute(STAFF_PRINCIPAL, (claims.staff_id,))).fetchone()
-    if row is None or row[4] != claims.version:
-        raise unauthorized("the token is no longer valid; log in again")
-    return principal_from_row(row)
+
+
+async def request_principal(
+    conn: psycopg.AsyncConnection[Any], claims: TokenClaims
+) -> Finish[Principal]:
+    """Send the read of a token's person (``store.Finish``): their row, token_version,
+    organisation kind and units in one statement; 401 unless active with that version."""
+    cur = await conn.execute(STAFF_PRINCIPAL, (claims.staff_id,))
+
+    async def finish() -> Principal:
+        row = await cur.fetchone()
+        if row is None or row[4] != claims.version:
+            raise unauthorized("the token is no longer valid; log in again")
+        return principal_from_row(row)
+
+    return finish
 
 
 async def current_principal(
@@ -87,6 +118,27 @@ async def current_principal(
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_caller(
+    conn: Conn,
+    settings: SettingsDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key)],
+) -> Principal | TokenClaims:
+    return await caller_from_credentials(
+        conn, settings, bearer.credentials if bearer else None, api_key
+    )
+
+
+# The same credentials as ``CurrentUser``; a staff token's database check is left to the
+# route (``request_principal``), which sends it with its first statements.
+Caller = Annotated[Principal | TokenClaims, Depends(current_caller)]
+
+
+def caller_actor(caller: Principal | TokenClaims) -> str:
+    """The audit actor of a caller, known before its database check."""
+    return caller.actor if isinstance(caller, Principal) else staff_actor(caller.staff_id)
 
 
 async def managing_principal(me: CurrentUser) -> Principal:

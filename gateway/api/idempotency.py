@@ -67,12 +67,12 @@ async def once(
     async def send() -> Answer:
         return run
 
-    return await once_sent(conn, me, key, method, path, send, status_code)
+    return await once_sent(conn, me.actor, key, method, path, send, status_code)
 
 
 async def once_sent(
     conn: psycopg.AsyncConnection[Any],
-    me: Principal,
+    actor: str,
     key: str | None,
     method: str,
     path: str,
@@ -80,7 +80,8 @@ async def once_sent(
     status_code: int = status.HTTP_200_OK,
 ) -> JSONResponse:
     """``once`` for a change that sends its reads before it needs them: ``send()`` sends
-    them and returns what computes the answer from them (run at most once per key).
+    them (and may check who ``actor`` is, before any answer is replayed) and returns
+    what computes the answer from them, run at most once per (actor, key).
 
     One transaction in pipeline mode: BEGIN, the key's lock and lookup and what
     ``send()`` sends share one round trip; the answer's INSERT rides with the COMMIT.
@@ -91,8 +92,8 @@ async def once_sent(
             # Two taps at once: the second waits here until the first commits, and its
             # lookup still sees that commit: PostgreSQL runs the statements in order,
             # each with its own snapshot.
-            await conn.execute(_LOCK, (me.actor, key))
-            stored = await conn.execute(_STORED, (me.actor, key))
+            await conn.execute(_LOCK, (actor, key))
+            stored = await conn.execute(_STORED, (actor, key))
         answer = await send()
         if stored is not None and (row := await stored.fetchone()) is not None:
             if (row[0], row[1]) != (method, path):
@@ -103,5 +104,5 @@ async def once_sent(
             return JSONResponse(row[3], row[2], headers={"Idempotent-Replayed": "true"})
         body = jsonable_encoder(await answer())
         if key is not None:
-            await conn.execute(_STORE, (me.actor, key, method, path, status_code, Jsonb(body)))
+            await conn.execute(_STORE, (actor, key, method, path, status_code, Jsonb(body)))
     return JSONResponse(body, status_code)

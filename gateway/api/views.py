@@ -22,7 +22,7 @@ from gateway.api.principal import Principal, mask_address, mask_name, mask_phone
 # informs the bureau at once), is the tier's to see in full.
 _TIER = {"street": (2, "street"), "bureau": (3, "bureau")}
 
-ALERT_SELECT = """
+_ALERT_FROM = """
 SELECT a.id, a.site_id, a.device_id, a.type, a.severity, a.status, a.level, a.count,
        a.opened_at, a.last_seen_at, a.acknowledged_at, a.acknowledged_by, a.on_scene_at,
        a.on_scene_by, a.resolved_at, a.resolved_by, a.outcome, a.next_step_at, a.epoch,
@@ -51,8 +51,8 @@ LEFT JOIN LATERAL (
     SELECT c.outcome, c.time FROM downlink_outbox x JOIN command_results c USING (command_id)
     WHERE x.alert_id = a.id AND x.action = 'acknowledge' ORDER BY c.time DESC LIMIT 1
 ) cr ON true
-WHERE s.organisation_id = ANY(%(units)s)
 """
+ALERT_SELECT = _ALERT_FROM + "WHERE s.organisation_id = ANY(%(units)s)\n"
 
 
 class SiteView(BaseModel):
@@ -163,13 +163,14 @@ async def alert_views(
     return {r["id"]: view_from_row(me, r) for r in rows}
 
 
-async def request_alert_view(
-    conn: psycopg.AsyncConnection[Any], me: Principal, alert_id: uuid.UUID
+async def request_alert_row(
+    conn: psycopg.AsyncConnection[Any], alert_id: uuid.UUID
 ) -> Finish[dict[str, Any] | None]:
-    """Send the read of one alert's view row, scoped to the caller (``store.Finish``):
-    None is the same answer for another unit's alert and for one that does not exist."""
+    """Send the read of one alert's view row (``store.Finish``), not scoped: sent before
+    the caller's units are known, the caller checks ``row["unit_id"] in me.units`` and
+    answers the same 404 for another unit's alert as for one that does not exist."""
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(ALERT_SELECT + " AND a.id = %(id)s", {"units": me.unit_list, "id": alert_id})
+    await cur.execute(_ALERT_FROM + "WHERE a.id = %(id)s", {"id": alert_id})
 
     async def finish() -> dict[str, Any] | None:
         row = await cur.fetchone()

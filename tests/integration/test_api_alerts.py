@@ -191,6 +191,34 @@ async def test_an_acknowledgement_tells_each_device_that_can_take_it(database: s
     assert told == [("ghost-a",), ("wb-a",)]
 
 
+async def test_a_revoked_token_acts_on_nothing_and_gets_no_replay(database: str) -> None:
+    """The token's person is checked in the acknowledge's first round trip, before the
+    Idempotency-Key's stored answer could be replayed: after the person's token_version
+    changes (a password reset, a disabled account), the old token gets 401 for a retry
+    of an answered tap and for a new tap, and nothing changes."""
+    seed_tenants(database)
+    raise_event(database, "site-a", "wb-a", "fall")
+    raise_event(database, "site-a", "wb-a", "sos")
+    await drain(database, T0)
+    with psycopg.connect(database) as conn:
+        ids = dict(conn.execute("SELECT type, id::text FROM alerts").fetchall())
+    async with api_client(database) as api:
+        duty = await login(api, "duty-a")
+        tap = {**duty, "Idempotency-Key": "tap-1"}
+        fall = f"/api/alerts/{ids['fall']}/acknowledge"
+        assert (await api.post(fall, headers=tap)).status_code == 200
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("UPDATE staff SET token_version = token_version + 1 WHERE id = 'duty-a'")
+        retried = await api.post(fall, headers=tap)
+        assert retried.status_code == 401 and "log in again" in retried.text
+        late = await api.post(f"/api/alerts/{ids['sos']}/acknowledge",
+                              headers={**duty, "Idempotency-Key": "tap-2"})
+        assert late.status_code == 401
+        bare = await api.post(f"/api/alerts/{ids['sos']}/on-scene", headers=duty)
+        assert bare.status_code == 401
+    assert scalar(database, "SELECT status FROM alerts WHERE type = 'sos'") == "open"
+
+
 async def test_bad_requests_are_4xx_with_a_reason(database: str) -> None:
     seed_tenants(database)
     async with api_client(database) as api:

@@ -19,17 +19,25 @@ from alerting.lifecycle import resolve as resolve_command
 from alerting.model import Alert, Channel, Outcome
 from alerting.planner import escalate_by_hand
 from gateway.alerts.directory import Directory, load_policy_book
-from gateway.alerts.store import Finish
+from gateway.alerts.store import Finish, finished
 from gateway.alerts.unit_of_work import Commanded, CommandReads, command, request_command
-from gateway.api.deps import Conn, CurrentUser, Now
+from gateway.api.deps import (
+    Caller,
+    Conn,
+    CurrentUser,
+    Now,
+    caller_actor,
+    request_principal,
+)
 from gateway.api.idempotency import Answer, IdempotencyKey, once, once_sent
 from gateway.api.pagination import decode_cursor, encode_cursor
 from gateway.api.principal import Principal
+from gateway.api.security import TokenClaims
 from gateway.api.views import (
     ALERT_SELECT,
     AlertView,
     alert_views,
-    request_alert_view,
+    request_alert_row,
     row_after,
     view_from_row,
 )
@@ -189,25 +197,31 @@ async def _commanded(
 
 
 async def _act(
-    conn: Conn, me: Principal, key: str | None, path: str, alert_id: uuid.UUID,
-    now: datetime, make: Callable[[Alert], Command],
+    conn: Conn, caller: Principal | TokenClaims, key: str | None, path: str,
+    alert_id: uuid.UUID, now: datetime, make: Callable[[Alert], Command],
 ) -> JSONResponse:
-    """Scope, command, answer in one transaction and, under load, as few turns of the
-    shared event loop as can be: every round trip waits behind the feed and the engine
-    (bench/README.md, api.py). The command's reads (the alert's lock, policy overrides,
-    fired steps, chain head) and the scoped view go out with the Idempotency-Key's lock
-    and lookup: one round trip; the unit path and the device are a second, the writes
-    ride with the COMMIT. The answer is the view read with them, in the state the
-    command wrote. The scope is checked before the command is: an alert of another unit
-    answers 404 as a missing one does, never a 409 that says it exists."""
+    """Who, scope, command, answer in one transaction and, under load, as few turns of
+    the shared event loop as can be: every round trip waits behind the feed and the
+    engine (bench/README.md, api.py). One round trip for every read: the token's person
+    (row, token_version, units), the Idempotency-Key's lock and lookup, the command's
+    reads (the alert's lock, policy overrides, unit path, device, fired steps, chain head)
+    and the alert's view; a second for the writes and the COMMIT. Checked in this order:
+    the token (401, before any stored answer is replayed), the key (replay, 422), the
+    scope (404, the same for another unit's alert as for a missing one, never a 409 that
+    says it exists), the command (409). The answer is the view read with the command, in
+    the state the command wrote."""
+    actor = caller_actor(caller)
 
     async def send() -> Answer:
-        reads = await request_command(conn, alert_id, worker=f"api:{me.actor}")
-        view = await request_alert_view(conn, me, alert_id)  # after the lock: current
+        who = (finished(caller) if isinstance(caller, Principal)
+               else await request_principal(conn, caller))
+        reads = await request_command(conn, alert_id, worker=f"api:{actor}")
+        view = await request_alert_row(conn, alert_id)  # after the lock: current
+        me = await who()  # the round trip of every statement sent so far
 
         async def answer() -> AlertView:
             row = await view()
-            if row is None:
+            if row is None or row["unit_id"] not in me.units:
                 raise not_found(alert_id)
             done = await _commanded(conn, me, alert_id, now, make, sent=reads)
             if done.alert is None or done.steps:
@@ -217,7 +231,7 @@ async def _act(
 
         return answer
 
-    return await once_sent(conn, me, key, "POST", path, send)
+    return await once_sent(conn, actor, key, "POST", path, send)
 
 
 def _route_action(path: str, summary: str) -> Callable[[_Route], _Route]:
@@ -227,38 +241,38 @@ def _route_action(path: str, summary: str) -> Callable[[_Route], _Route]:
 
 
 @_route_action("/{alert_id}/acknowledge", "I take charge: stops the escalation at this level")
-async def acknowledge_alert(alert_id: uuid.UUID, conn: Conn, me: CurrentUser, now: Now,
+async def acknowledge_alert(alert_id: uuid.UUID, conn: Conn, caller: Caller, now: Now,
                             request: Request, key: IdempotencyKey = None) -> Any:
-    return await _act(conn, me, key, request.url.path, alert_id, now,
-                      lambda a: acknowledge(me.actor, Channel.CONSOLE))
+    return await _act(conn, caller, key, request.url.path, alert_id, now,
+                      lambda a: acknowledge(caller_actor(caller), Channel.CONSOLE))
 
 
 @_route_action("/{alert_id}/on-scene", "Someone is with the resident")
-async def on_scene_alert(alert_id: uuid.UUID, conn: Conn, me: CurrentUser, now: Now,
+async def on_scene_alert(alert_id: uuid.UUID, conn: Conn, caller: Caller, now: Now,
                          request: Request, key: IdempotencyKey = None) -> Any:
-    return await _act(conn, me, key, request.url.path, alert_id, now,
-                      lambda a: on_scene(me.actor, Channel.CONSOLE))
+    return await _act(conn, caller, key, request.url.path, alert_id, now,
+                      lambda a: on_scene(caller_actor(caller), Channel.CONSOLE))
 
 
 @_route_action("/{alert_id}/resolve", "Close the alert with its outcome")
-async def resolve_alert(alert_id: uuid.UUID, body: ResolveBody, conn: Conn, me: CurrentUser,
+async def resolve_alert(alert_id: uuid.UUID, body: ResolveBody, conn: Conn, caller: Caller,
                         now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await _act(conn, me, key, request.url.path, alert_id, now, lambda a: resolve_command(
-        me.actor, Channel.CONSOLE, Outcome(body.outcome), body.note))
+    return await _act(conn, caller, key, request.url.path, alert_id, now, lambda a: resolve_command(
+        caller_actor(caller), Channel.CONSOLE, Outcome(body.outcome), body.note))
 
 
 @_route_action("/{alert_id}/reopen", "Reopen a resolved alert (a cancel that was not one)")
-async def reopen_alert(alert_id: uuid.UUID, body: ReopenBody, conn: Conn, me: CurrentUser,
+async def reopen_alert(alert_id: uuid.UUID, body: ReopenBody, conn: Conn, caller: Caller,
                        now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await _act(conn, me, key, request.url.path, alert_id, now,
-                      lambda a: reopen_command(me.actor, Channel.CONSOLE, body.note))
+    return await _act(conn, caller, key, request.url.path, alert_id, now,
+                      lambda a: reopen_command(caller_actor(caller), Channel.CONSOLE, body.note))
 
 
 @_route_action("/{alert_id}/comments", "Add a comment to the alert's record")
-async def comment_alert(alert_id: uuid.UUID, body: NoteBody, conn: Conn, me: CurrentUser,
+async def comment_alert(alert_id: uuid.UUID, body: NoteBody, conn: Conn, caller: Caller,
                         now: Now, request: Request, key: IdempotencyKey = None) -> Any:
-    return await _act(conn, me, key, request.url.path, alert_id, now,
-                      lambda a: Command(CommandKind.NOTE, me.actor, Channel.CONSOLE,
+    return await _act(conn, caller, key, request.url.path, alert_id, now,
+                      lambda a: Command(CommandKind.NOTE, caller_actor(caller), Channel.CONSOLE,
                                         note=body.text))
 
 
