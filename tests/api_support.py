@@ -113,15 +113,9 @@ async def login(client: httpx.AsyncClient, user: str) -> dict[str, str]:
 async def api_server(
     dsn: str, send_buffer: int | None = None, **extra: Any
 ) -> AsyncIterator[str]:
-    """The app served by uvicorn on a free loopback port in this event loop, as
-    ``eldersafe server`` serves it (real sockets: WebSockets work): its ``host:port``.
-    ``send_buffer`` sets SO_SNDBUF of the listening socket (connections inherit it), so a
-    test can fill a connection's buffers with little data."""
-    import asyncio
-    import socket
-
+    """The app served by uvicorn on a free loopback port in this event loop, with
+    uvicorn's own WebSocket protocol (frames through ASGI): its ``host:port``."""
     import uvicorn
-    from support import until
 
     from gateway.local.ports import free_port
 
@@ -130,20 +124,36 @@ async def api_server(
         create_app(test_settings(dsn, api_port=port, **extra)), host="127.0.0.1", port=port,
         log_level="warning", access_log=False, lifespan="on", ws_max_size=64 * 1024,
     )  # fmt: skip
+    async with uvicorn_serving(config, send_buffer):
+        yield f"127.0.0.1:{port}"
+
+
+@asynccontextmanager
+async def uvicorn_serving(config: Any, send_buffer: int | None = None) -> AsyncIterator[Any]:
+    """``config`` (a ``uvicorn.Config`` on a free loopback port) served in this event loop
+    (real sockets: WebSockets work) until the block ends: the ``uvicorn.Server``.
+    ``send_buffer`` sets SO_SNDBUF of the listening socket (connections inherit it), so a
+    test can fill a connection's buffers with little data."""
+    import asyncio
+    import socket
+
+    import uvicorn
+    from support import until
+
     server = uvicorn.Server(config)
     sockets = None
     if send_buffer is not None:
         listening = socket.socket()
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        listening.bind(("127.0.0.1", port))
+        listening.bind((config.host, config.port))
         sockets = [listening]
     serving = asyncio.create_task(server.serve(sockets=sockets))
     await until(lambda: server.started or serving.done(), 30, "the API to start")
     if serving.done():
         serving.result()  # it failed to start: its error
     try:
-        yield f"127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         await serving

@@ -327,14 +327,27 @@ class Directory:
 
         async def finish() -> None:
             for site, device, profile in await cur.fetchall():
-                try:
-                    self._commands[(site, device)] = frozenset(
-                        device_profiles.get(str(profile)).commands
-                    )
-                except KeyError:
-                    self._commands[(site, device)] = None
+                self._know_commands(site, device, str(profile))
 
         return finish
+
+    def _know_commands(self, site_id: str, device_id: str, profile: str) -> None:
+        try:
+            commands: frozenset[str] | None = frozenset(device_profiles.get(profile).commands)
+        except KeyError:
+            commands = None  # a profile not known here: sent, and the edge answers
+        self._commands[(site_id, device_id)] = commands
+
+    def know_path(self, site_id: str, units: Sequence[Unit]) -> None:
+        """A unit path read elsewhere (a command reads it with its alert's lock)."""
+        self._paths[site_id] = tuple(units)
+
+    def know_device(self, site_id: str, device_id: str, profile: str | None) -> None:
+        """A device read elsewhere, as ``request_device_commands`` would have read it (None:
+        not in the registry, so not known)."""
+        self._devices_read.add((site_id, device_id))
+        if profile is not None:
+            self._know_commands(site_id, device_id, profile)
 
     def accepts(self, downlink: Downlink) -> bool:
         """Whether to queue ``downlink`` (its device read by ``request_device_commands``).

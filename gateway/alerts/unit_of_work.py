@@ -52,7 +52,6 @@ from alerting.rules import (
     dedup_keys,
     signal_key,
 )
-from device_drivers import profiles as device_profiles
 from gateway.alerts.directory import Directory, Unit, load_policy_book, request_policy_book
 from gateway.alerts.store import (
     STEPS_INSERT,
@@ -296,8 +295,8 @@ async def pipelined_transaction(
     wait of its own is its COMMIT's round trip. BEGIN and COMMIT are sent as statements:
     psycopg's ``transaction()`` in pipeline mode also waits as it starts and twice as it
     ends (its nested pipelines' syncs), each wait a turn of the server's shared loop (the
-    API's ``pipelined_transaction`` does the same). On any failure, the commit included,
-    the work is rolled back before the error goes on."""
+    API's acknowledge path uses it too). On any failure, the commit included, the work is
+    rolled back before the error goes on."""
     try:
         async with conn.pipeline():
             await conn.execute("BEGIN" if savepoint is None else f"SAVEPOINT {savepoint}")
@@ -510,26 +509,6 @@ WHERE a.id = %s
 """
 
 
-class _CommandDirectory(Directory):
-    """A command's directory: its alert's unit path and device read with the alert's lock
-    (by the alert's id), not in round trips after it."""
-
-    def know_path(self, site_id: str, units: Sequence[Unit]) -> None:
-        self._paths[site_id] = tuple(units)
-
-    def know_device(self, site_id: str, device_id: str, profile: str | None) -> None:
-        """As ``request_device_commands`` reads it: the commands of a known profile, None
-        for a profile not known here; a device not in the registry is read, not known."""
-        self._devices_read.add((site_id, device_id))
-        if profile is not None:
-            try:
-                self._commands[(site_id, device_id)] = frozenset(
-                    device_profiles.get(profile).commands
-                )
-            except KeyError:
-                self._commands[(site_id, device_id)] = None
-
-
 @dataclass
 class Commanded(Outcome):
     """What a person's command did, with the alert as it now stands and its next timer
@@ -547,7 +526,7 @@ class CommandReads:
 
     alert_id: uuid.UUID
     tx: PgAlertTransaction
-    directory: _CommandDirectory
+    directory: Directory
     alert: Alert | None
     fired: frozenset[StepKey]
 
@@ -572,7 +551,7 @@ async def request_command(
 
     async def finish() -> CommandReads:
         alert = await locked()
-        directory = _CommandDirectory(conn, await book())
+        directory = Directory(conn, await book())
         units = [Unit(*r) for r in await path.fetchall()]
         profile = await device.fetchone()
         if alert is not None:

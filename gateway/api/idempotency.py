@@ -5,8 +5,7 @@ acknowledge is one acknowledgement, however the two requests interleave."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import psycopg
@@ -15,6 +14,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 
+from gateway.alerts.unit_of_work import pipelined_transaction
 from gateway.api.principal import Principal
 
 IdempotencyKey = Annotated[
@@ -32,23 +32,6 @@ VALUES (%s, %s, %s, %s, %s, %s)
 
 
 Answer = Callable[[], Awaitable[Any]]
-
-
-@contextlib.asynccontextmanager
-async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
-    """A transaction in pipeline mode whose only round trip of its own is its COMMIT's.
-    BEGIN and COMMIT are sent as statements: psycopg's ``transaction()`` in pipeline mode
-    waits for PostgreSQL as it starts and twice as it ends, and on a busy event loop each
-    wait is a turn behind every other task. A ``transaction()`` inside is a savepoint."""
-    async with conn.pipeline():
-        await conn.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):  # a broken connection: the pool drops it
-                await conn.execute("ROLLBACK")
-            raise
-        await conn.execute("COMMIT")
 
 
 async def once(

@@ -21,7 +21,7 @@ import orjson
 import psycopg
 import pytest
 import uvicorn
-from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants
+from api_support import PASSWORD, T0, api_server, raise_event, seed_tenants, uvicorn_serving
 from api_support import test_settings as settings_for
 from support import scalar, until, wait_for
 from test_alert_engine import drain, rows
@@ -779,23 +779,8 @@ async def frames_server(
     ``send_buffer`` as in ``api_support.api_server``."""
     port = free_port()
     app = create_app(settings_for(dsn, api_port=port))
-    server = uvicorn.Server(server_config(app, "127.0.0.1", port))
-    sockets = None
-    if send_buffer is not None:
-        listening = socket.socket()
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        listening.bind(("127.0.0.1", port))
-        sockets = [listening]
-    serving = asyncio.create_task(server.serve(sockets=sockets))
-    await until(lambda: server.started or serving.done(), 30, "the API to start")
-    if serving.done():
-        serving.result()  # it failed to start: its error
-    try:
+    async with uvicorn_serving(server_config(app, "127.0.0.1", port), send_buffer) as server:
         yield f"127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        await serving
 
 
 @asynccontextmanager

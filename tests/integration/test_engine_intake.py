@@ -33,6 +33,14 @@ async def waiting_on_a_lock(watch: psycopg.AsyncConnection[Any], pid: int) -> bo
     return row is not None and row[0] == "Lock"
 
 
+async def rival_opens_the_key(rival: psycopg.AsyncConnection[Any]) -> None:
+    """Another server opens wb-1's SOS key in ``rival``'s open transaction."""
+    event = EngineEvent(
+        uuid.uuid4(), "site-a", "wb-1", EventKind("sos"), Phase("pulse"), T0, "es-wb1", {}
+    )
+    await PgAlertTransaction(rival, "rival").save(decide(event, {}, now=T0).transitions)
+
+
 async def test_a_batch_that_loses_the_race_to_open_a_key_is_applied_one_at_a_time(
     district: str,
 ) -> None:
@@ -41,13 +49,9 @@ async def test_a_batch_that_loses_the_race_to_open_a_key_is_applied_one_at_a_tim
     applied alone, as a repeat of the rival's alert; nothing is lost or dead-lettered."""
     dsn = district
     ingest(dsn, "site-a", "wb-1", "sos")
-    rival_event = EngineEvent(
-        uuid.uuid4(), "site-a", "wb-1", EventKind("sos"), Phase("pulse"), T0, "es-wb1", {}
-    )
     async with await connect(dsn) as rival, await connect(dsn) as work, await connect(dsn) as watch:
         async with rival.transaction():
-            opening = decide(rival_event, {}, now=T0).transitions
-            await PgAlertTransaction(rival, "rival").save(opening)
+            await rival_opens_the_key(rival)
             intake = asyncio.create_task(intake_batch(work, T0, worker="a"))
             await until(lambda: waiting_on_a_lock(watch, work.info.backend_pid),
                         what="the intake waiting on the rival's key")  # fmt: skip
@@ -66,13 +70,9 @@ async def test_inside_a_callers_transaction_a_refused_batch_spoils_none_of_the_c
     alone, applied one at a time, and the caller's own write commits with it."""
     dsn = district
     ingest(dsn, "site-a", "wb-1", "sos")
-    rival_event = EngineEvent(
-        uuid.uuid4(), "site-a", "wb-1", EventKind("sos"), Phase("pulse"), T0, "es-wb1", {}
-    )
     async with await connect(dsn) as rival, await connect(dsn) as work, await connect(dsn) as watch:
         async with rival.transaction():
-            opening = decide(rival_event, {}, now=T0).transitions
-            await PgAlertTransaction(rival, "rival").save(opening)
+            await rival_opens_the_key(rival)
 
             async def callers_transaction() -> int:
                 async with work.pipeline(), work.transaction():
