@@ -15,21 +15,13 @@ from typing import Any
 
 import psycopg
 
-from gateway import metrics
-from gateway.alerts.unit_of_work import Outcome, intake_batch
-from gateway.alerts.workers import ClockSource, engine_now
+from gateway.alerts.unit_of_work import intake_batch
+from gateway.alerts.workers import ClockSource, count_outcome, engine_now
 
 # Ingest must not wait behind another server's alert: past this, the savepoint rolls
 # back and the workers take the event (they may wait; ingest's acknowledgements may not).
 LOCK_TIMEOUT = "20ms"
 STATEMENT_TIMEOUT = "2s"
-
-
-def count(out: Outcome) -> None:
-    """The engine's counters, as the workers count them."""
-    metrics.ENGINE_EVENTS.inc(out.events)
-    metrics.ENGINE_DEAD.inc(out.dead)
-    metrics.ENGINE_STEPS.inc(out.steps)
 
 
 async def intake_in_transaction(
@@ -41,7 +33,7 @@ async def intake_in_transaction(
     now = await engine_now(conn, clock)
     while True:
         out = await intake_batch(conn, now, batch, worker)
-        count(out)
+        count_outcome(out)
         if out.events < batch:
             break
     # The COMMIT that follows numbers the change log under a lock (migration 0007): it

@@ -61,7 +61,8 @@ async def _wait(listen: psycopg.AsyncConnection[Any], seconds: float) -> None:
         pass
 
 
-def _count(out: Outcome) -> None:
+def count_outcome(out: Outcome) -> None:
+    """The engine's counters for one unit of work (workers and ingest's inline intake)."""
     metrics.ENGINE_EVENTS.inc(out.events)
     metrics.ENGINE_DEAD.inc(out.dead)
     metrics.ENGINE_STEPS.inc(out.steps)
@@ -135,8 +136,8 @@ class EngineWorkers:
                 now = await engine_now(work, self.clock)
                 out = await intake_batch(work, now, self.batch, self.name)
                 readings = await conditions_batch(work, now, self.batch * 4, self.name)
-                _count(out)
-                _count(readings)
+                count_outcome(out)
+                count_outcome(readings)
                 if out.events < self.batch and readings.events < self.batch * 4:
                     busy = out.events or readings.events
                     await _wait(listen, 0 if busy else self.poll_s)
@@ -155,7 +156,7 @@ class EngineWorkers:
                 # Claims grow when behind: a step's writes are set-based, so a larger
                 # batch amortises the claim and the commit instead of adding statements.
                 out = await timers_tick(work, now, self.batch * 4, self.name)
-                _count(out)
+                count_outcome(out)
                 # While steps are firing, the sweeps (welfare checks every few minutes,
                 # vital signs every 30 s) wait up to SWEEP_DEFER_S so that the next
                 # escalation deadline is not served late behind them.

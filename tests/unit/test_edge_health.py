@@ -7,21 +7,22 @@ import json
 import sqlite3
 from pathlib import Path
 
+from support import until
+
 from gateway.edge.health import housekeeping_loop
 from gateway.edge.outbox import AsyncOutbox, Outbox
 from gateway.mqtt.client import MqttClient, MqttSettings
 
 
 async def _health_where(path: Path, predicate, within_s: float = 20.0) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    async with asyncio.timeout(within_s):
-        while True:
-            try:
-                doc = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                doc = None
-            if doc is not None and predicate(doc):
-                return doc  # type: ignore[no-any-return]
-            await asyncio.sleep(0.05)
+    def matching() -> dict | None:  # type: ignore[type-arg]
+        try:
+            doc = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return doc if predicate(doc) else None  # type: ignore[no-any-return]
+
+    return await until(matching, within_s, f"a health document as wanted in {path}")  # type: ignore[no-any-return]
 
 
 async def test_a_locked_outbox_is_reported_in_health_and_housekeeping_goes_on(

@@ -7,6 +7,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from support import until
+
 from gateway.edge.outbox import AsyncOutbox, Outbox
 
 
@@ -24,10 +26,11 @@ async def test_a_raise_queued_behind_a_clear_is_not_taken_for_a_repeat(tmp_path:
         # hold the outbox's one thread, so the clear is queued and not yet stored
         gate = threading.Event()
         held = asyncio.ensure_future(box._run(gate.wait))
+        key = ("sd-1", "smoke")
         clear = asyncio.ensure_future(box.add_condition("sd-1", "smoke", False, build))
-        await asyncio.sleep(0)  # the clear is submitted behind the held call
+        await until(lambda: box._level_calls.get(key) == 1, 5, "the clear queued behind the hold")
         raise_again = asyncio.ensure_future(box.add_condition("sd-1", "smoke", True, build))
-        await asyncio.sleep(0)
+        await until(lambda: box._level_calls.get(key) == 2, 5, "the raise queued behind the clear")
         gate.set()
         await held
         cleared, raised = await clear, await raise_again
