@@ -94,6 +94,10 @@ NOTIFY_CONFIRMATIONS = Counter(
 ENGINE_CRASHES = Counter(
     "eldersafe_engine_loop_restarts_total", "alert engine loops restarted after an error"
 )
+DB_STALLED_ENDED = Counter(
+    "eldersafe_db_stalled_sessions_ended_total",
+    "server database sessions ended after waiting inside a transaction past their limit",
+)
 VITALS_CHECKS = Counter(
     "eldersafe_vitals_checks_total", "wristbands whose vital signs the sweep judged"
 )

@@ -26,6 +26,7 @@ from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
 from gateway.db.retention import delete_old_sensitive_telemetry, drop_old_telemetry
+from gateway.db.stall_guard import guard_loop, guarded
 from gateway.heap import freeze_when
 from gateway.ingest.pipeline import IngestPipeline
 from gateway.ingest.store import AlarmStore, IngestStore
@@ -117,6 +118,12 @@ async def incident_loop(dsn: str, incidents: asyncio.Queue[SessionIncident]) -> 
 
 
 async def serve(settings: Settings) -> None:
+    # Every session of this server declares how long it may stall inside a transaction
+    # (the API's, ingest's; the engine's workers, notifier and downlink set their own):
+    # every server's guard ends such sessions of a stopped server (gateway/db/stall_guard.py).
+    dsn = settings.database_url
+    settings = settings.model_copy(update={"database_url": guarded(
+        dsn, settings.mqtt_username, settings.engine_stalled_s)})  # fmt: skip
     notifier = runner_from(settings)  # refuses the demo's webhook key in production
     settings.check_api_secrets()
     await asyncio.to_thread(migrate, settings.database_url)
@@ -169,6 +176,9 @@ async def serve(settings: Settings) -> None:
         asyncio.create_task(engine.run_intake(), name="engine-intake"),
         asyncio.create_task(engine.run_timers(), name="engine-timers"),
         asyncio.create_task(notifier.run(), name="notifiers"),
+        asyncio.create_task(
+            guard_loop(dsn, min(max(settings.engine_stalled_s / 4, 0.1), 5.0)), name="stall-guard"
+        ),
         asyncio.create_task(
             DownlinkWorkers(settings.database_url, consumer, settings.mqtt_username,
                             settings.engine_clock, settings.engine_poll_s).run(),

@@ -43,6 +43,7 @@ from gateway.alerts.workers import ClockSource, engine_now
 from gateway.contract.payloads import CommandAction, CommandPayload, dump
 from gateway.contract.topics import Channel as TopicChannel
 from gateway.contract.topics import DeviceTopic, TopicError
+from gateway.db.stall_guard import guarded
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +245,10 @@ class DownlinkWorkers:
         self.poll_s = poll_s
         self.batch = batch
         self.puback_wait_s = puback_wait_s
-        # A server stopped while it holds claims (SIGSTOP) loses them after this long,
-        # so another server publishes; longer than a pass's wait for its PUBACKs.
-        self.options = f"-c idle_in_transaction_session_timeout={int((puback_wait_s + 5) * 1000)}"
+        # A server stopped while it holds claims (SIGSTOP) loses them after this long
+        # (gateway/db/stall_guard.py), so another server publishes; longer than a pass's
+        # wait for its PUBACKs.
+        self.work_dsn = guarded(dsn, f"{name} downlink", puback_wait_s + 5)
 
     async def run(self) -> None:
         await asyncio.gather(self._forever(self._publish), self._forever(self._results))
@@ -269,9 +271,7 @@ class DownlinkWorkers:
 
     async def _connections(self, channel: str) -> tuple[Any, Any]:
         listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        work = await psycopg.AsyncConnection.connect(
-            self.dsn, autocommit=True, options=self.options
-        )
+        work = await psycopg.AsyncConnection.connect(self.work_dsn, autocommit=True)
         await listen.execute(f"LISTEN {channel}")
         return listen, work
 

@@ -36,6 +36,7 @@ from gateway.alerts.unit_of_work import (
     timers_tick,
 )
 from gateway.alerts.vitals import vitals_sweep
+from gateway.db.stall_guard import guarded
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,10 @@ class EngineWorkers:
         self.batch = batch
         # A server that stops mid-transaction (SIGSTOP, a frozen VM, a partition) would
         # hold its alerts' row locks, and every other server would skip them forever:
-        # PostgreSQL ends such a session after this long, its work rolls back, and the
-        # others carry on. Must exceed any unit of work's pause between statements.
-        self.work_options = f"-c idle_in_transaction_session_timeout={int(stalled_s * 1000)}"
+        # the session is ended after this long (gateway/db/stall_guard.py), its work
+        # rolls back, and the others carry on. Must exceed any unit of work's pause
+        # between statements.
+        self.work_dsn = guarded(dsn, name, stalled_s)
 
     async def run(self) -> None:
         """Intake and timers on the caller's loop (tests; the server splits them)."""
@@ -127,9 +129,7 @@ class EngineWorkers:
     async def _intake(self) -> None:
         async with (
             await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
-            await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, options=self.work_options
-            ) as work,
+            await psycopg.AsyncConnection.connect(self.work_dsn, autocommit=True) as work,
         ):
             await listen.execute("LISTEN engine_inbox")
             while True:
@@ -145,9 +145,7 @@ class EngineWorkers:
     async def _timers(self) -> None:
         async with (
             await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
-            await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, options=self.work_options
-            ) as work,
+            await psycopg.AsyncConnection.connect(self.work_dsn, autocommit=True) as work,
         ):
             await listen.execute("LISTEN engine_timers")
             swept = time.monotonic()

@@ -51,6 +51,7 @@ from gateway import metrics
 from gateway.alerts.store import PgAlertTransaction
 from gateway.alerts.workers import ClockSource, engine_now
 from gateway.config import Settings
+from gateway.db.stall_guard import guarded
 from gateway.notify import http
 from gateway.notify.console import ConsoleChannel
 from gateway.notify.facts import BatchFacts, RowFacts
@@ -261,8 +262,12 @@ class NotifierRunner:
         poll_s: float = 1.0,
         batch: int = 20,
         passes: int = 2,
+        stall_limit_s: float = 20.0,
     ) -> None:
         self.dsn = dsn
+        # A pass holds its rows while the channels send: a server stopped longer than a
+        # send's timeout and a stall loses them to the others (gateway/db/stall_guard.py).
+        self.work_dsn = guarded(dsn, f"{name} notify", stall_limit_s)
         self.name = name
         self.notifiers = notifiers
         self.timings = timings
@@ -296,7 +301,7 @@ class NotifierRunner:
     async def _loop(self, worker: str) -> None:
         async with (
             await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as listen,
-            await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as work,
+            await psycopg.AsyncConnection.connect(self.work_dsn, autocommit=True) as work,
         ):
             await listen.execute("LISTEN notifications")
             while True:
@@ -343,4 +348,5 @@ def runner_from(settings: Settings) -> NotifierRunner:
     return NotifierRunner(
         settings.database_url, settings.mqtt_username, notifiers, timings,
         settings.engine_clock, settings.engine_poll_s, passes=settings.notify_passes,
+        stall_limit_s=settings.notify_send_timeout_s + settings.engine_stalled_s,
     )  # fmt: skip

@@ -148,3 +148,72 @@ def test_sos_published_over_mqtt_becomes_one_alert_with_its_first_rung(
     )
     assert rows(database, "SELECT type, status, count FROM alerts") == [("sos", "open", 1)]
     assert scalar(database, "SELECT count(*) FROM engine_inbox") == 0
+
+
+def _blocked_by(dsn: str, holder: int) -> list[tuple[int, str]]:
+    return rows(
+        dsn,
+        "SELECT pid, application_name FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+        (holder,),
+    )
+
+
+def _state(dsn: str, pid: int) -> tuple[str, str] | None:
+    found = rows(dsn, "SELECT state, wait_event FROM pg_stat_activity WHERE pid = %s", (pid,))
+    return (found[0][0], found[0][1]) if found else None
+
+
+def test_a_server_stopped_inside_its_transaction_loses_its_claim_to_the_other(
+    database: str, broker: Any, make_server: Any
+) -> None:
+    """The interleaving is forced: server a claims a due alert and its step's insert waits
+    on a table lock the test holds; a is stopped (SIGSTOP) and the lock released, so a's
+    session holds the alert's row lock waiting for a client that cannot answer. Server b's
+    stall guard ends that session (ENGINE_STALLED_S), and b fires the step once."""
+    import_district(database, District.model_validate(DISTRICT))
+    set_clock(database, T0)
+    env = {
+        "ELDERSAFE_ENGINE_CLOCK": "database",
+        "ELDERSAFE_ENGINE_POLL_S": "0.05",
+        "ELDERSAFE_ENGINE_STALLED_S": "1",
+    }
+    a = make_server(database, broker.port, **env)
+    b = make_server(database, broker.port, username="server-2", **env)
+    a.start()
+    a.wait_session()
+    ingest(database, "site-a", "wb-1", "sos")
+    wait_for(lambda: scalar(database, "SELECT count(*) FROM alert_steps") == 1, 10, "level 0")
+    with psycopg.connect(database) as holder:
+        holder.execute("LOCK TABLE alert_steps IN EXCLUSIVE MODE")
+        set_clock(database, T0 + timedelta(seconds=60))
+        pid = holder.info.backend_pid
+        wait_for(lambda: _blocked_by(database, pid), 10, "a's step waiting on the lock")
+        ((a_session, name),) = _blocked_by(database, pid)
+        assert name.endswith(" server"), name
+        os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        # a's session runs on to the end of what a sent, then waits for a, in its
+        # transaction, with the alert's row locked
+        waiting_for_a = [("idle in transaction", "ClientRead"), ("active", "ClientRead")]
+        wait_for(
+            lambda: _state(database, a_session) in waiting_for_a, 10, "a's session waiting for a"
+        )
+        assert scalar(database, "SELECT count(*) FROM alert_steps") == 1
+        b.start()
+        wait_for(
+            lambda: scalar(database, "SELECT count(*) FROM alert_steps") == 2,
+            15,
+            f"b firing the step; b's log:\n{b.log_tail()}",
+        )
+        assert _state(database, a_session) is None
+        assert "ended stalled database session" in b.log_tail()
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    set_clock(database, T0 + timedelta(seconds=61))  # a resumed: a pass for anything doubled
+    wait_for(lambda: "retrying" in a.log_tail(), 10, f"a reconnecting; a's log:\n{a.log_tail()}")
+    set_clock(database, T0 + timedelta(seconds=62))
+    assert rows(database, "SELECT level, count(*) FROM alert_steps GROUP BY 1 ORDER BY 1") == [
+        (0, 1),
+        (1, 1),
+    ]
+    assert scalar(database, "SELECT count(*) FROM alert_audit WHERE action = 'escalated'") == 2
