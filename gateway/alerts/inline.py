@@ -2,11 +2,13 @@
 
 An event's alert is then committed with the event: no commit, notification and claim
 between them, which was most of the device → alert latency (bench/alert_latency.py).
-The inbox is still the guarantee: ``intake_batch`` claims the batch's own inbox rows
+The inbox is still the guarantee: ``intake_within`` claims the batch's own inbox rows
 (visible to its transaction, to nobody else before the commit) with the same site lock,
-dedup-key locks and exactly-once step records as the workers. What it cannot take (a
-site another server is working on, a lock held past ``LOCK_TIMEOUT``) stays in the
-inbox and the workers raise it after the commit, woken by the inbox trigger.
+dedup-key locks and exactly-once step records as the workers, as statements of the
+lane's own pipelined transaction. What it cannot take (a site another server is working
+on, a lock held past ``LOCK_TIMEOUT``, any failure) fails that transaction; the lane
+writes the events again without it, and the workers raise their alerts after the
+commit, woken by the inbox trigger.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any
 
 import psycopg
 
-from gateway.alerts.unit_of_work import intake_batch
+from gateway.alerts.unit_of_work import intake_within
 from gateway.alerts.workers import ClockSource, count_outcome, engine_now
 
-# Ingest must not wait behind another server's alert: past this, the savepoint rolls
-# back and the workers take the event (they may wait; ingest's acknowledgements may not).
+# Ingest must not wait behind another server's alert: past this, the lane writes the
+# events without their alerts and the workers take them (they may wait; ingest's
+# acknowledgements may not).
 LOCK_TIMEOUT = "20ms"
 STATEMENT_TIMEOUT = "2s"
 
@@ -32,7 +35,7 @@ async def intake_in_transaction(
     await conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
     now = await engine_now(conn, clock)
     while True:
-        out = await intake_batch(conn, now, batch, worker)
+        out = await intake_within(conn, now, batch, worker)
         count_outcome(out)
         if out.events < batch:
             break

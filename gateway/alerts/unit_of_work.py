@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,6 +60,7 @@ from gateway.alerts.store import (
     columns,
     request_alert_lock,
 )
+from gateway.db.pipelined import pipelined_transaction
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,9 @@ async def intake_batch(
     # is a savepoint of it, rolled back alone when refused.
     savepoint = None if conn.info.transaction_status is TransactionStatus.IDLE else _SAVEPOINT
     try:
-        return await _intake_together(conn, now, limit, worker, savepoint)
+        return await _intake_together(
+            conn, now, limit, worker, pipelined_transaction(conn, savepoint)
+        )
     except psycopg.OperationalError:
         raise
     except (StoreError, psycopg.DatabaseError, ValueError, KeyError, IllegalTransition) as exc:
@@ -287,30 +290,15 @@ async def intake_batch(
         return await _intake_one_at_a_time(conn, now, limit, worker)
 
 
-@contextlib.asynccontextmanager
-async def pipelined_transaction(
-    conn: psycopg.AsyncConnection[Any], savepoint: str | None = None
-) -> AsyncIterator[None]:
-    """A transaction (or, inside the caller's, a savepoint) in pipeline mode whose only
-    wait of its own is its COMMIT's round trip. BEGIN and COMMIT are sent as statements:
-    psycopg's ``transaction()`` in pipeline mode also waits as it starts and twice as it
-    ends (its nested pipelines' syncs), each wait a turn of the server's shared loop (the
-    API's acknowledge path uses it too). On any failure, the commit included, the work is
-    rolled back before the error goes on."""
-    try:
-        async with conn.pipeline():
-            await conn.execute("BEGIN" if savepoint is None else f"SAVEPOINT {savepoint}")
-            yield
-            await conn.execute("COMMIT" if savepoint is None else f"RELEASE SAVEPOINT {savepoint}")
-    except BaseException:
-        if not conn.broken:
-            with contextlib.suppress(psycopg.Error):
-                if savepoint is None:
-                    await conn.rollback()
-                else:  # the release was skipped with everything after the error
-                    await conn.execute(f"ROLLBACK TO SAVEPOINT {savepoint}")
-                    await conn.execute(f"RELEASE SAVEPOINT {savepoint}")
-        raise
+async def intake_within(
+    conn: psycopg.AsyncConnection[Any], now: datetime, limit: int = 50, worker: str = "engine"
+) -> Outcome:
+    """``intake_batch`` as statements of the caller's transaction, in the caller's
+    pipeline: no transaction or savepoint of its own, so it waits for PostgreSQL only for
+    its claim and its reads. No fallback either: whatever fails it fails the caller's
+    transaction, which is then written again without it (ingest's alarm lane), and the
+    workers take those inbox rows with ``intake_batch``."""
+    return await _intake_together(conn, now, limit, worker, contextlib.nullcontext())
 
 
 async def _intake_together(
@@ -318,10 +306,10 @@ async def _intake_together(
     now: datetime,
     limit: int,
     worker: str,
-    savepoint: str | None,
+    scope: contextlib.AbstractAsyncContextManager[Any],
 ) -> Outcome:
     out = Outcome()
-    async with pipelined_transaction(conn, savepoint):
+    async with scope:
         book = await request_policy_book(conn)  # sent with the claim: one round trip
         rows = await _claim_inbox(conn, limit)
         if not rows:

@@ -14,8 +14,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 
-from gateway.alerts.unit_of_work import pipelined_transaction
 from gateway.api.principal import Principal
+from gateway.db.pipelined import pipelined_transaction
 
 IdempotencyKey = Annotated[
     str | None,

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import psycopg
 
 from gateway import metrics
+from gateway.db.pipelined import pipelined_transaction
 from gateway.ingest.batch import TELEMETRY_COLUMNS, Batch, DeadLetter
 
 log = logging.getLogger(__name__)
@@ -264,10 +265,15 @@ class AlarmStore:
     pipeline mode; a thread only adds two hand-overs of the GIL. Why the intake inside:
     the event's alert is then committed with the event itself, one transaction instead of
     two and no wake-up between them (issue 7 allows alert creation in the ingest
-    transaction). ``after_events`` runs in a savepoint: whatever it fails with (a lock held
-    by another server past its timeout, a bug), it is rolled back alone and the events
-    still commit with their ``engine_inbox`` rows, which the engine's workers take as
-    before. So the inbox stays the guarantee; this is only the fast way through it.
+    transaction). The events, ``after_events`` and the COMMIT are one pipelined
+    transaction (``pipelined_transaction``), which waits for PostgreSQL only where the
+    intake reads (its claim, its locks) and at the COMMIT: each wait is a turn of the
+    server's loop behind the telemetry it also serves. Whatever it fails with (a refused
+    row, a lock held by another server past its timeout, a check refused at COMMIT, a
+    bug), the transaction is rolled back whole and the events are written again alone,
+    with their ``engine_inbox`` rows, which the engine's workers take as before; an
+    event that fails again is the batch's own error. So the inbox stays the guarantee;
+    this is only the fast way through it.
 
     Only a batch of at most ``inline_max`` events (the alarm as it comes, one or a few)
     runs the intake inside: a burst or a backlog is committed and acknowledged at once
@@ -286,24 +292,26 @@ class AlarmStore:
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._sites = _SiteRegistry()
         self._bulk = IngestStore(dsn)
-        self.deferred = 0  # batches whose after_events was rolled back (left to the inbox)
-        self._intake_kept = False  # the current transaction holds after_events' writes
+        self.deferred = 0  # batches written again without after_events (left to the inbox)
 
     async def write(self, batch: Batch) -> None:
         if batch.telemetry_rows:
             await self._bulk.write(batch)
             return
+        inline = self.after_events is not None and 0 < len(batch.events) <= self.inline_max
         try:
             conn = await self._connection()
             try:
-                unregistered = await self._transaction(conn, batch, self.after_events)
+                unregistered = await self._transaction(
+                    conn, batch, self.after_events if inline else None
+                )
             except psycopg.Error as exc:
-                if conn.broken or not self._intake_kept:
+                if conn.broken or not inline:
                     raise
-                # Refused at COMMIT for something the intake wrote (a deferred check):
-                # the events must not pay for it. Again without the intake.
-                self._defer(exc)
+                # The events must not pay for the intake: again without it (an event
+                # refused again is the batch's own error, and raises).
                 unregistered = await self._transaction(conn, batch, None)
+                self._defer(exc)
         except BaseException:
             await self._close()
             raise
@@ -333,41 +341,20 @@ class AlarmStore:
         batch: Batch,
         after_events: AfterEvents | None,
     ) -> int:
-        self._intake_kept = False
-        async with conn.pipeline() as pipe, conn.transaction():
-            async with conn.cursor() as cur:
-                for statement, rows in _row_statements(batch):
-                    await cur.executemany(statement, rows)
-                unregistered: list[tuple[str, int]] = []
-                if batch.sites:
-                    if self._sites.stale(batch.sites):
-                        await cur.execute("SELECT id FROM sites")
-                        self._sites.refresh(str(r[0]) for r in await cur.fetchall())
-                    unregistered = self._sites.missing(batch.sites)
-                if unregistered:
-                    await cur.executemany(_UNREGISTERED, unregistered)
-            if after_events is not None and 0 < len(batch.events) <= self.inline_max:
-                # In pipeline mode a refused row raises at the next sync: make it raise
-                # here, as the batch's own error, not inside the intake's savepoint.
-                await pipe.sync()
-                self._intake_kept = await self._after_events(conn, after_events)
-        return sum(n for _, n in unregistered)
-
-    async def _after_events(
-        self, conn: psycopg.AsyncConnection[tuple[object, ...]], after_events: AfterEvents
-    ) -> bool:
-        """Whether its writes were kept (and go with the COMMIT)."""
-        try:
-            async with conn.transaction():  # a savepoint: its failure spoils no event
+        async with pipelined_transaction(conn), conn.cursor() as cur:
+            for statement, rows in _row_statements(batch):
+                await cur.executemany(statement, rows)
+            unregistered: list[tuple[str, int]] = []
+            if batch.sites:
+                if self._sites.stale(batch.sites):
+                    await cur.execute("SELECT id FROM sites")
+                    self._sites.refresh(str(r[0]) for r in await cur.fetchall())
+                unregistered = self._sites.missing(batch.sites)
+            if unregistered:
+                await cur.executemany(_UNREGISTERED, unregistered)
+            if after_events is not None:
                 await after_events(conn)
-        except Exception as exc:
-            if conn.broken:
-                raise  # the connection is gone: the whole batch is retried
-            # a lock or statement timeout (psycopg calls them operational), a refusal,
-            # a bug: rolled back alone
-            self._defer(exc)
-            return False
-        return True
+        return sum(n for _, n in unregistered)
 
     def _defer(self, exc: BaseException) -> None:
         self.deferred += 1

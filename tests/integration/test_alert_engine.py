@@ -532,11 +532,9 @@ async def test_a_worker_stalled_inside_its_transaction_loses_it_and_another_carr
     dsn = district
     ingest(dsn, "site-a", "wb-1", "sos")
     await drain(dsn, T0)
-    options = EngineWorkers(dsn, "a", stalled_s=0.5).work_options
+    work_dsn = EngineWorkers(dsn, "a", stalled_s=0.5).work_dsn
     at = T0 + timedelta(seconds=60)
-    async with await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, options=options
-    ) as stalled, await connect(dsn) as b:
+    async with await connect(work_dsn) as stalled, await connect(dsn) as b:
         await stalled.execute("BEGIN")
         claimed = await PgAlertTransaction(stalled, "a").claim_due(at, 10)
         assert len(claimed) == 1
