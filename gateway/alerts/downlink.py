@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
@@ -44,6 +43,7 @@ from gateway.contract.payloads import CommandAction, CommandPayload, dump
 from gateway.contract.topics import Channel as TopicChannel
 from gateway.contract.topics import DeviceTopic, TopicError
 from gateway.db.stall_guard import guarded
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -254,20 +254,13 @@ class DownlinkWorkers:
         await asyncio.gather(self._forever(self._publish), self._forever(self._results))
 
     async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
-        backoff = 0.2
-        while True:
-            started = time.monotonic()
-            try:
-                await loop()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("downlink %s: %s; retrying", loop.__name__, exc)
-            except Exception:
-                log.exception("downlink %s crashed; restarting it", loop.__name__)
-                metrics.ENGINE_CRASHES.inc()
-            if time.monotonic() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await run_forever(
+            f"downlink {loop.__name__}",
+            loop,
+            log=log,
+            transient=(psycopg.Error, OSError),
+            crashes=metrics.ENGINE_CRASHES,
+        )
 
     async def _connections(self, channel: str) -> tuple[Any, Any]:
         listen = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)

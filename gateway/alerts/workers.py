@@ -37,6 +37,7 @@ from gateway.alerts.unit_of_work import (
 )
 from gateway.alerts.vitals import vitals_sweep
 from gateway.db.stall_guard import guarded
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -105,26 +106,22 @@ class EngineWorkers:
         await asyncio.gather(*(self._forever(self._timers) for _ in range(TIMER_LOOPS)))
 
     async def _forever(self, loop: Any) -> None:
-        backoff = 0.2
-        while True:
-            started = time.monotonic()
-            try:
-                await loop()
-            except (psycopg.OperationalError, psycopg.errors.SerializationFailure,
-                    psycopg.errors.DeadlockDetected, psycopg.errors.IdleInTransactionSessionTimeout,
-                    OSError) as exc:  # fmt: skip
-                log.warning("alert engine %s: %s; retrying", loop.__name__, exc)
-            except psycopg.Error as exc:
-                log.error("alert engine %s failed: %s; retrying", loop.__name__, exc)
-            except Exception:
-                # Never take ingest down with the engine: the inbox keeps the work, and
-                # the loop comes back after a backoff (the failure is logged and counted).
-                log.exception("alert engine %s crashed; restarting it", loop.__name__)
-                metrics.ENGINE_CRASHES.inc()
-            if time.monotonic() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        # Never take ingest down with the engine: the inbox keeps the work, and the loop
+        # comes back after a backoff (a crash is logged and counted).
+        await run_forever(
+            f"alert engine {loop.__name__}",
+            loop,
+            log=log,
+            transient=(
+                psycopg.OperationalError,
+                psycopg.errors.SerializationFailure,
+                psycopg.errors.DeadlockDetected,
+                psycopg.errors.IdleInTransactionSessionTimeout,
+                OSError,
+            ),
+            failures=(psycopg.Error,),
+            crashes=metrics.ENGINE_CRASHES,
+        )
 
     async def _intake(self) -> None:
         async with (

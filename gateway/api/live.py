@@ -45,7 +45,6 @@ import bisect
 import contextlib
 import logging
 import re
-import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -64,6 +63,7 @@ from gateway.alerts.store import PgAlertTransaction
 from gateway.api.principal import Principal
 from gateway.api.views import ALERT_SELECT, view_from_row
 from gateway.api.ws_frames import RawFrames, text_frame
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -372,19 +372,13 @@ class LiveFeed:
     # -- the reader ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.2
-        while True:
-            started = time.monotonic()
-            try:
-                await self._listen_and_read()
-            except (psycopg.OperationalError, OSError) as exc:
-                log.warning("live feed: %s; reconnecting", exc)
-            except Exception:  # a bug must not end the feed of every console: log, retry
-                log.exception("live feed reader failed; restarting")
-            if time.monotonic() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        # a bug must not end the feed of every console: log, retry
+        await run_forever(
+            "live feed reader",
+            self._listen_and_read,
+            log=log,
+            transient=(psycopg.OperationalError, OSError),
+        )
 
     async def _listen_and_read(self) -> None:
         async with (

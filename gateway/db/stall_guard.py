@@ -29,6 +29,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from gateway import metrics
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +82,13 @@ async def end_stalled(conn: psycopg.AsyncConnection[Any]) -> list[int]:
 
 async def guard_loop(dsn: str, every_s: float) -> None:
     """``end_stalled`` every ``every_s`` on a connection of its own, for ever."""
-    backoff = 0.2
-    while True:
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                dsn, autocommit=True, application_name="eldersafe stall-guard"
-            ) as conn:
-                backoff = 0.2
-                while True:
-                    await end_stalled(conn)
-                    await asyncio.sleep(every_s)
-        except (psycopg.Error, OSError) as exc:
-            log.warning("stall guard: %s; retrying", exc)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 5.0)
+
+    async def sweep() -> None:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, application_name="eldersafe stall-guard"
+        ) as conn:
+            while True:
+                await end_stalled(conn)
+                await asyncio.sleep(every_s)
+
+    await run_forever("stall guard", sweep, log=log, transient=(psycopg.Error, OSError))

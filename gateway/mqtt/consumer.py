@@ -42,6 +42,7 @@ from gateway.mqtt.codec import (
     read_packets,
 )
 from gateway.mqtt.outbound import Outbound
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -318,19 +319,12 @@ class MqttConsumer:
 
     async def run(self) -> None:
         """Keep the session up until cancelled; no failure of one connection ends it."""
-        backoff = 0.2
-        while True:
-            started = time.monotonic()
-            try:
-                await self._session()
-            except (OSError, TimeoutError, MqttConnectError) as exc:
-                log.warning("mqtt session failed: %s", exc)
-            except Exception:
-                log.exception("mqtt session failed unexpectedly; reconnecting on a new connection")
-            if time.monotonic() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await run_forever(
+            "mqtt session",
+            self._session,
+            log=log,
+            transient=(OSError, TimeoutError, MqttConnectError),
+        )
 
     async def close(self) -> None:
         proto = self._proto

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from gateway.notify.outbox import (
 )
 from gateway.notify.text import Place
 from gateway.notify.voice import PhoneChannel
+from gateway.restarting import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +283,19 @@ class NotifierRunner:
             await self.notifiers.http.aclose()
 
     async def _forever(self, index: int) -> None:
-        backoff = 0.2
-        while True:
-            started = time.monotonic()
-            try:
-                await self._loop(f"{self.name}/notify-{index}")
-            except (psycopg.OperationalError, psycopg.errors.SerializationFailure,
-                    psycopg.errors.DeadlockDetected, OSError) as exc:  # fmt: skip
-                log.warning("notifier %s: %s; retrying", self.name, exc)
-            except Exception:  # a bug must not stop the server's other loops: log, retry
-                log.exception("notifier %s failed; retrying", self.name)
-            if time.monotonic() - started > 10:
-                backoff = 0.2
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        worker = f"{self.name}/notify-{index}"
+        # a bug must not stop the server's other loops: log, retry
+        await run_forever(
+            f"notifier {self.name}",
+            lambda: self._loop(worker),
+            log=log,
+            transient=(
+                psycopg.OperationalError,
+                psycopg.errors.SerializationFailure,
+                psycopg.errors.DeadlockDetected,
+                OSError,
+            ),
+        )
 
     async def _loop(self, worker: str) -> None:
         async with (
