@@ -15,7 +15,7 @@ and the three ways a run ends are told apart:
 
 ``asyncio.CancelledError`` always goes through: the server cancels its tasks to stop.
 
-The backoff is the edge supervisor's policy shape (``gateway.edge.supervisor.Backoff``):
+The backoff has the shape of the edge's driver supervisor's (``Backoff``):
 0.2 s doubling to 5 s, back to 0.2 s once a run lasted longer than 10 s, so a
 database that is down costs a log line every 5 s, not a busy loop, and one that comes
 back is reconnected to within 5 s.
@@ -27,11 +27,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import NoReturn
 
 from prometheus_client import Counter
 
-from gateway.edge.supervisor import Backoff
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Doubling restart delays, from ``initial_s`` to ``max_s``, back to ``initial_s``
+    after a run of ``stable_after_s`` (the edge's driver supervisor uses it too)."""
+
+    initial_s: float = 1.0
+    max_s: float = 30.0
+    stable_after_s: float = 60.0
+
+    def next(self, current: float) -> float:
+        return min(self.max_s, current * 2)
 
 SERVER_LOOP_BACKOFF = Backoff(initial_s=0.2, max_s=5.0, stable_after_s=10.0)
 

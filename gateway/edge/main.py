@@ -27,9 +27,10 @@ from gateway.edge.commands import CommandRouter
 from gateway.edge.config import EdgeConfig, load_config, profile_of
 from gateway.edge.outbox import AsyncOutbox, Outbox
 from gateway.edge.pipeline import EdgePipeline
-from gateway.edge.supervisor import Backoff, Supervisor
+from gateway.edge.supervisor import Supervisor
 from gateway.heap import freeze_when
 from gateway.mqtt.client import MqttClient, MqttSettings, Will
+from gateway.restarting import Backoff
 
 log = logging.getLogger(__name__)
 

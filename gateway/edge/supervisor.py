@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from device_drivers.model import Driver, Observation, ObservationSink
+from gateway.restarting import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,7 @@ class DriverSlot:
         return text[:200]
 
 
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    initial_s: float = 1.0
-    max_s: float = 30.0
-    stable_after_s: float = 60.0
-
-    def next(self, current: float) -> float:
-        return min(self.max_s, current * 2)
+DRIVER_BACKOFF = Backoff()
 
 
 class Supervisor:
@@ -75,7 +69,7 @@ class Supervisor:
         slots: list[DriverSlot],
         sink_for: Callable[[str], ObservationSink],
         *,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DRIVER_BACKOFF,
         on_change: Callable[[], None] | None = None,
         on_down_too_long: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from device_drivers.model import Command, LinkStatus, Observation, ObservationSink
-from gateway.edge.supervisor import Backoff, DriverSlot, DriverState, Supervisor
+from gateway.edge.supervisor import DriverSlot, DriverState, Supervisor
+from gateway.restarting import Backoff
 
 pytestmark = pytest.mark.timeout(20)
 
