@@ -25,6 +25,21 @@ def set_clock(dsn: str, at: Any) -> None:
         conn.execute("NOTIFY engine_timers")
 
 
+def two_servers(database: str, broker: Any, make_server: Any) -> tuple[Any, Any]:
+    """Servers a and b (not started) on the district at T0, on the database's clock,
+    each losing a stalled transaction after 1 s."""
+    import_district(database, District.model_validate(DISTRICT))
+    set_clock(database, T0)
+    env = {
+        "ELDERSAFE_ENGINE_CLOCK": "database",
+        "ELDERSAFE_ENGINE_POLL_S": "0.05",
+        "ELDERSAFE_ENGINE_STALLED_S": "1",
+    }
+    a = make_server(database, broker.port, **env)
+    b = make_server(database, broker.port, username="server-2", **env)
+    return a, b
+
+
 def test_server_killed_between_commit_and_alert_raises_it_after_restart(
     database: str, broker: Any, make_server: Any
 ) -> None:
@@ -54,15 +69,7 @@ def test_server_killed_between_commit_and_alert_raises_it_after_restart(
 def test_two_servers_share_inbox_and_timers_each_step_once(
     database: str, broker: Any, make_server: Any
 ) -> None:
-    import_district(database, District.model_validate(DISTRICT))
-    set_clock(database, T0)
-    env = {
-        "ELDERSAFE_ENGINE_CLOCK": "database",
-        "ELDERSAFE_ENGINE_POLL_S": "0.05",
-        "ELDERSAFE_ENGINE_STALLED_S": "1",
-    }
-    a = make_server(database, broker.port, **env)
-    b = make_server(database, broker.port, username="server-2", **env)
+    a, b = two_servers(database, broker, make_server)
     for s in (a, b):
         s.start()
     for s in (a, b):
@@ -170,15 +177,7 @@ def test_a_server_stopped_inside_its_transaction_loses_its_claim_to_the_other(
     on a table lock the test holds; a is stopped (SIGSTOP) and the lock released, so a's
     session holds the alert's row lock waiting for a client that cannot answer. Server b's
     stall guard ends that session (ENGINE_STALLED_S), and b fires the step once."""
-    import_district(database, District.model_validate(DISTRICT))
-    set_clock(database, T0)
-    env = {
-        "ELDERSAFE_ENGINE_CLOCK": "database",
-        "ELDERSAFE_ENGINE_POLL_S": "0.05",
-        "ELDERSAFE_ENGINE_STALLED_S": "1",
-    }
-    a = make_server(database, broker.port, **env)
-    b = make_server(database, broker.port, username="server-2", **env)
+    a, b = two_servers(database, broker, make_server)
     a.start()
     a.wait_session()
     ingest(database, "site-a", "wb-1", "sos")
