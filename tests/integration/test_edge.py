@@ -188,16 +188,17 @@ def health(tmp_path: Path) -> dict[str, Any]:
 
 
 async def edge_reading(tmp_path: Path, sim: CallButtonReceiverSimulator, pid: int) -> None:
-    """Until the edge process ``pid`` has the port open and has heard the receiver."""
-    deadline = time.monotonic() + 20
-    while True:
+    """Until the edge process ``pid`` has the port open and has heard the receiver (the
+    receiver sends a status at each look, as a real one does on its own)."""
+
+    async def heard() -> bool:
         h = health(tmp_path)
         if h.get("pid") == pid and h["drivers"]["cb"]["observations"] > 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"edge {pid} never heard the receiver: {h}")
+            return True
         await sim.send_status()
-        await asyncio.sleep(0.1)
+        return False
+
+    await until(heard, 20, f"edge {pid} hearing the receiver", interval=0.1)
 
 
 def retained(port: int, topic: str) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import threading
 import uuid
 from pathlib import Path
 
+from support import until
+
 import device_drivers  # noqa: F401  registers the shipped profiles
 from device_drivers.model import Command
 from gateway.contract.payloads import CommandAction, CommandPayload, dump, now_utc
@@ -40,12 +42,6 @@ class Receiver:
         return {}
 
 
-async def _until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(5):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
-
-
 async def test_a_redelivery_before_the_answer_is_recorded_is_not_carried_out_again(
     tmp_path: Path,
 ) -> None:
@@ -68,11 +64,12 @@ async def test_a_redelivery_before_the_answer_is_recorded_is_not_carried_out_aga
         first = asyncio.create_task(router.handle(message, lambda: None))
         await asyncio.wait_for(receiver.started.wait(), 5)  # taken, and at the device
         held = asyncio.ensure_future(box._run(gate.wait))  # the outbox thread is busy
-        await _until(lambda: queue.qsize() == 0, "the gate running")
+        await until(lambda: queue.qsize() == 0, what="the gate running", interval=0.001)
         again = asyncio.create_task(router.handle(message, lambda: None))
-        await _until(lambda: queue.qsize() == 1, "the redelivery's ledger read queued")
+        await until(lambda: queue.qsize() == 1, what="the redelivery's ledger read queued",
+                    interval=0.001)
         receiver.proceed.set()  # the device is done; its answer queues behind the read
-        await _until(lambda: queue.qsize() == 2, "the answer queued")
+        await until(lambda: queue.qsize() == 2, what="the answer queued", interval=0.001)
         gate.set()
         await held
         await asyncio.wait_for(asyncio.gather(first, again), 10)

@@ -33,7 +33,6 @@ class CrashingDriver:
     async def run(self, sink: ObservationSink) -> None:
         self.runs += 1
         if self.runs <= self.crashes:
-            await asyncio.sleep(0)
             raise ConnectionError(f"port closed (run {self.runs})")
         await sink(LinkStatus("receiver", online=True))
         self.running.set()
