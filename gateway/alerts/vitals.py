@@ -177,14 +177,19 @@ async def vitals_sweep(
             )
             ranges = resident_ranges(w["heart_rate_min"], w["heart_rate_max"], w["spo2_min"])
             before = states[key]
-            try:
-                async with conn.transaction():  # a savepoint: one bad watch spoils no other
-                    after = await _check(tx, directory, key, ranges, before, got, now, out)
-            except (StoreError, IllegalTransition, ValueError, KeyError) as exc:
-                tx.forget()
-                log.error("vital-sign check of %s/%s failed, kept for the next: %s", *key, exc)
-                metrics.VITALS_FAILED.inc()
-                after = before
+            after, signals = _judge(key, ranges, before, got, out)
+            # Most checks find nothing to raise or clear: judged in memory, they cost no
+            # round trip. Only a watch with signals gets its savepoint.
+            if signals:
+                try:
+                    async with conn.transaction():  # a savepoint: one bad watch spoils no other
+                        for signal in signals:
+                            await apply_signal(tx, directory, signal, now, out)
+                except (StoreError, IllegalTransition, ValueError, KeyError) as exc:
+                    tx.forget()
+                    log.error("vital-sign check of %s/%s failed, kept for the next: %s", *key, exc)
+                    metrics.VITALS_FAILED.inc()
+                    after = before
             newest = max((s.last_at for s in after.values() if s.last_at), default=None)
             check_at = now if full else now + CHECK_EVERY
             saved.append(
@@ -218,17 +223,15 @@ async def _read(
     return found
 
 
-async def _check(
-    tx: PgAlertTransaction,
-    directory: Directory,
+def _judge(
     key: tuple[str, str],
     ranges: Mapping[str, VitalRange],
     states: Mapping[str, VitalState],
     readings: Sequence[tuple[str, datetime, float]],
-    now: datetime,
     out: Outcome,
-) -> dict[str, VitalState]:
-    """Both metrics' readings in time order, so one alert's sources come and go in order."""
+) -> tuple[dict[str, VitalState], list[ConditionSignal]]:
+    """Both metrics' readings in time order, so one alert's sources come and go in order;
+    the signals are applied by the caller, in that order."""
     site_id, device_id = key
     after = dict(states)
     signals: list[ConditionSignal] = []
@@ -248,6 +251,4 @@ async def _check(
             continue
         if signal is not None:
             signals.append(signal)
-    for signal in signals:
-        await apply_signal(tx, directory, signal, now, out)
-    return after
+    return after, signals

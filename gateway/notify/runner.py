@@ -197,8 +197,9 @@ async def deliver_due(
             tx = PgAlertTransaction(conn, worker)
             try:
                 async with conn.transaction():  # a savepoint: a deadlock victim retries it
-                    for u in updates:
-                        await conn.execute(UPDATE, u.params(now))
+                    if updates:  # one round trip for the batch (executemany pipelines)
+                        async with conn.cursor() as cur:
+                            await cur.executemany(UPDATE, [u.params(now) for u in updates])
                     await tx.audit(audit)
                 break
             except psycopg.errors.DeadlockDetected:

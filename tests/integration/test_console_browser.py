@@ -302,3 +302,37 @@ async def test_the_console_resumes_from_its_position_renews_its_token_and_taps_o
         assert await page.locator('.alert-card[data-type="fall"]').count() == 2
         await browser.close()
     assert server.proc is not None and server.proc.poll() is None, server.log_tail()
+
+
+async def test_a_console_whose_feed_is_refused_4401_renews_or_signs_out_at_once(
+    database: str, broker: MosquittoInstance, make_server: Any
+) -> None:
+    """The account is disabled while the server is away: back up, the server refuses the
+    page's token on the feed (close 4401); the page asks for a new token at once instead
+    of reconnecting with the refused one, is refused too, and shows the sign-in form with
+    why. (Its scheduled renewal is minutes away: only the 4401 path can sign it out.)"""
+    seed_console(database)
+    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05")
+    server.start()
+    await asyncio.to_thread(server.wait_session)
+    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = await (await browser.new_context(viewport=PHONE, locale="en-US")).new_page()
+        renewals: list[int] = []
+        page.on("response", lambda r: renewals.append(r.status)
+                if r.url.endswith("/api/auth/refresh") else None)  # fmt: skip
+        await sign_in(page, server.api_port, "duty-1")
+
+        server.stop()
+        await page.wait_for_selector('body[data-feed="offline"]', timeout=10_000)
+        assert rows(database, "UPDATE staff SET active = false WHERE id = 'duty-1'"
+                    " RETURNING id") == [("duty-1",)]  # fmt: skip
+        server.start()
+        await asyncio.to_thread(server.wait_session)
+        await page.wait_for_selector('body[data-view="login"]', timeout=20_000)
+        expired = "Your session expired; please sign in again"
+        assert await page.text_content("#login-error") == expired
+        assert renewals == [401]
+        await browser.close()
+    assert server.proc is not None and server.proc.poll() is None, server.log_tail()
