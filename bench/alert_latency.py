@@ -356,6 +356,7 @@ def main() -> int:
     parser.add_argument("--smokes", type=int, default=30)
     parser.add_argument("--rate", type=int, default=5000, help="background telemetry msg/s")
     parser.add_argument("--probe-seconds", type=float, default=100.0)
+    parser.add_argument("--dump", help="write each press's stamps (epoch s) as JSON here")
     parser.add_argument("--background", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe", nargs=2, type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -390,6 +391,7 @@ def main() -> int:
             server.stop()
         press_ms, smoke_ms, smoke_from_set_ms = [], [], []
         legs: dict[str, list[float]] = {k: [] for k in LEGS}
+        dump: list[dict[str, float]] = []
         with psycopg.connect(pg.dsn) as conn:
             for device, t0 in out["presses"]:
                 r = conn.execute(FIRST_CHANGE.format(where="a.device_id = %s"), (device,))
@@ -397,6 +399,8 @@ def main() -> int:
                 if found is not None:
                     change, stamped, ingested = map(float, found)
                     press_ms.append((change - t0) * 1000)
+                    dump.append({"t0": t0, "stamped": stamped, "ingested": ingested,
+                                 "change": change})  # fmt: skip
                     legs["press: frame written -> edge's stamp"].append((stamped - t0) * 1000)
                     legs["press: edge's stamp -> ingest commit"].append((ingested - stamped) * 1000)
                     legs["press: ingest commit -> change log"].append((change - ingested) * 1000)
@@ -408,6 +412,8 @@ def main() -> int:
                 smoke_from_set_ms.append((change - t0) * 1000)
                 legs["smoke: edge's stamp -> ingest commit"].append((ingested - stamped) * 1000)
                 legs["smoke: ingest commit -> change log"].append((change - ingested) * 1000)
+        if args.dump:
+            Path(args.dump).write_text(json.dumps({"presses": dump, "probe": out["probe"]}))
         alerts_sos = scalar(pg.dsn, "SELECT count(*) FROM alerts WHERE type = 'sos'")
         dead = scalar(pg.dsn, "SELECT count(*) FROM engine_dead_letters")
     probe_ms = out["probe"]["lags"]
@@ -429,6 +435,8 @@ def main() -> int:
     press = line("press: pty frame -> change log", press_ms)
     smoke = line("smoke: poll answered -> change log", smoke_ms)
     line("smoke: bit set -> change log (incl. 1 s poll)", smoke_from_set_ms)
+    if press_ms:
+        print(f"{'press: the first after the server started':<46}{1:>5}{press_ms[0]:>8.1f}")
     print("where the time goes:")
     for name, values in legs.items():
         if values:

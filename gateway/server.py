@@ -25,7 +25,11 @@ from gateway.api.app import serve_api
 from gateway.config import Settings
 from gateway.contract.topics import ALL_TOPICS
 from gateway.db.migrate import migrate
-from gateway.db.retention import delete_old_sensitive_telemetry, drop_old_telemetry
+from gateway.db.retention import (
+    create_chunks_ahead,
+    delete_old_sensitive_telemetry,
+    drop_old_telemetry,
+)
 from gateway.db.stall_guard import guard_loop, guarded
 from gateway.heap import freeze_when
 from gateway.ingest.pipeline import IngestPipeline
@@ -56,7 +60,12 @@ async def retention_loop(settings: Settings) -> None:
     keep = timedelta(days=settings.telemetry_retention_days)
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+            async with await psycopg.AsyncConnection.connect(
+                settings.database_url, autocommit=True
+            ) as conn:
+                ahead = await create_chunks_ahead(conn)
+                if ahead:
+                    log.info("chunks: created %d ahead of their first rows", ahead)
                 dropped = await drop_old_telemetry(conn, keep)
                 if dropped:
                     log.info("retention: dropped %d telemetry chunks older than %s", dropped, keep)
@@ -146,6 +155,16 @@ async def serve(settings: Settings) -> None:
             intake_in_transaction, clock=settings.engine_clock, worker=settings.mqtt_username
         ),
     )
+    # before the session is up: the first alarm must not pay for a cold path (a new
+    # chunk, a new session's first plans, this process's first use of the intake)
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            settings.database_url, autocommit=True
+        ) as conn:
+            await create_chunks_ahead(conn)
+    except psycopg.Error as exc:  # the retention loop tries again
+        log.warning("chunks not created ahead: %s", exc)
+    await alarm_store.rehearse()
     pipeline = IngestPipeline(store, alarm_store=alarm_store)
     incidents: asyncio.Queue[SessionIncident] = asyncio.Queue()
     # the broker names the session after the account (use_username_as_clientid)

@@ -28,15 +28,22 @@ STATEMENT_TIMEOUT = "2s"
 
 
 async def intake_in_transaction(
-    conn: psycopg.AsyncConnection[Any], clock: ClockSource, worker: str, batch: int = 50
+    conn: psycopg.AsyncConnection[Any],
+    clock: ClockSource,
+    worker: str,
+    batch: int = 50,
+    *,
+    counted: bool = True,
 ) -> None:
-    """Apply the inbox rows the caller's transaction wrote (and any other free ones)."""
+    """Apply the inbox rows the caller's transaction wrote (and any other free ones);
+    ``counted=False``: a rehearsal, rolled back, kept out of the engine's counters."""
     await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     await conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
     now = await engine_now(conn, clock)
     while True:
         out = await intake_within(conn, now, batch, worker)
-        count_outcome(out)
+        if counted:
+            count_outcome(out)
         if out.events < batch:
             break
     # The COMMIT that follows numbers the change log under a lock (migration 0007): it
