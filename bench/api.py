@@ -544,6 +544,8 @@ def main() -> int:
         d = quantiles(values) if values else {"n": 0, "p50": 0, "p90": 0, "p99": 0, "max": 0}
         print(f"{name:<44}{int(d['n']):>7}{d['p50']:>9.1f}{d['p90']:>9.1f}{d['p99']:>9.1f}"
               f"{d['max']:>9.1f}")  # fmt: skip
+    firsts = ", ".join(f"{v:.0f}" for v in drove["ack_rtt"][:3])
+    print(f"acknowledge: the first three taps, tap -> change on the console: {firsts} ms")
     p99, ack99 = quantiles(lat)["p99"], quantiles(drove["ack_rtt"])["p99"]
     print(f"commit -> console p99 {p99:.1f} ms (target 100 ms: "
           f"{'met' if p99 <= 100 else 'MISSED'}); acknowledge round trip p99 {ack99:.1f} ms "
