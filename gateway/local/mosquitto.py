@@ -67,6 +67,9 @@ class MosquittoInstance:
                     f"acl_file {self.acl_file}",
                     f"listener {self.port} 127.0.0.1",
                     "use_username_as_clientid true",
+                    # no Nagle on the broker's sockets: an alarm forwarded to a server
+                    # must not wait for the previous segment's (delayed) ACK
+                    "set_tcp_nodelay true",
                     "persistence true",
                     f"persistence_location {self.data_dir}/",
                     "autosave_interval 30",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import threading
 from collections import Counter, deque
@@ -173,6 +174,7 @@ class MqttClient:
         client.on_message = self._cb_message
         client.on_subscribe = self._cb_subscribe
         client.on_connect_fail = self._cb_connect_fail
+        client.on_socket_open = _no_delay
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = s.session_expiry_s
         props.ReceiveMaximum = s.receive_maximum
@@ -448,3 +450,11 @@ class MqttClient:
             return  # its connection is gone (or acknowledged already)
         self._taken.add(key)
         self._send_acks()
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """An alarm is a small message: with Nagle's algorithm on, the kernel holds it back
+    while an earlier segment (a reading, a PUBACK) waits for the broker's acknowledgement,
+    which Linux may delay by 40 ms. paho leaves it on; asyncio's transports turn it off."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
