@@ -139,6 +139,7 @@ def probe(port: int, seconds: float) -> None:
     pub.connect("127.0.0.1", port)
     pub.loop_start()
     subscribed.wait(10)
+    print(json.dumps({"ready": True}), flush=True)  # the presses wait for this line
     sent: dict[int, float] = {}
     end = time.monotonic() + seconds
     i = 0
@@ -300,6 +301,11 @@ async def run(args: argparse.Namespace, port: int, dsn: str, work: Path) -> dict
             stdout=subprocess.PIPE,
             text=True,
         )
+        # The probe's own start-up (an interpreter, paho, two connections) takes a good
+        # part of a core: the presses begin once it is publishing, not beside it.
+        assert probe_proc.stdout is not None
+        ready = await asyncio.to_thread(probe_proc.stdout.readline)
+        assert json.loads(ready) == {"ready": True}, ready
         rows_before = await asyncio.to_thread(scalar, dsn, "SELECT count(*) FROM telemetry")
         t_load = time.monotonic()
         presses: list[tuple[str, float]] = []
