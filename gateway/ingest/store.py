@@ -269,10 +269,10 @@ class _Rehearsed(Exception):
     """Ends a rehearsal's transaction: rolled back like any failure."""
 
 
+_INBOX_WAITING = "SELECT EXISTS (SELECT 1 FROM engine_inbox)"
 # The device a rehearsal raises its made-up SOS for: a registered one with a resident if
 # there is one, so that the intake takes the path of a real alarm (the resident, the
 # unit, who is on duty); else a made-up call button of a registered site.
-_INBOX_WAITING = "SELECT EXISTS (SELECT 1 FROM engine_inbox)"
 _REHEARSAL_DEVICE = """
 (SELECT site_id, id, profile FROM devices ORDER BY resident_id IS NULL, site_id, id LIMIT 1)
 UNION ALL (SELECT id, 'rehearsal', 'es-cb1' FROM sites ORDER BY id LIMIT 1)
@@ -364,7 +364,7 @@ class AlarmStore:
         try:
             conn = await self._connection()
             # The intake also takes other free inbox rows: with a backlog waiting (a
-            # crash left some), it would apply them all six times for nothing.
+            # crash left some), each rehearsal would apply all of it for nothing.
             waiting = await (await conn.execute(_INBOX_WAITING)).fetchone()
             device = await (await conn.execute(_REHEARSAL_DEVICE)).fetchone()
             if device is None or (waiting is not None and waiting[0]):
