@@ -83,17 +83,17 @@ def connect(
 ) -> Connected:
     """Connect and wait for CONNACK; ``.ok`` or ``.refused`` tells the outcome."""
     c = Connected(mqtt_client(port, username, password, client_id))
+    answered = threading.Event()
 
     def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         c.reason = reason
         (c.refused if reason.is_failure else c.ok).set()
+        answered.set()
 
     c.client.on_connect = on_connect
     c.client.connect("127.0.0.1", port, keepalive=30)
     c.client.loop_start()
-    deadline = time.monotonic() + timeout
-    while not (c.ok.is_set() or c.refused.is_set()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    answered.wait(timeout)
     if c.refused.is_set():
         c.client.loop_stop()
     return c

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 from api_support import PASSWORD, T0, api_client, login, raise_event, seed_tenants
-from playwright.async_api import Page, WebSocket, async_playwright
+from playwright.async_api import Browser, Page, WebSocket, async_playwright
 from support import ServerProcess, scalar
 from test_alert_engine import DISTRICT, drain, ingest, rows
 from test_downlink_e2e import SCENARIO, until_true
@@ -105,6 +105,23 @@ def api_up(port: int) -> bool:
         return False
 
 
+async def console_server(
+    database: str, broker: MosquittoInstance, make_server: Any, **env: str
+) -> ServerProcess:
+    """The console's district seeded and a server up with its staff API answering."""
+    seed_console(database)
+    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05",
+                                        **env)  # fmt: skip
+    server.start()
+    await asyncio.to_thread(server.wait_session)
+    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    return server
+
+
+async def phone_page(browser: Browser) -> Page:
+    return await (await browser.new_context(viewport=PHONE, locale="en-US")).new_page()
+
+
 async def sign_in(page: Page, port: int, user: str) -> None:
     await page.goto(f"http://127.0.0.1:{port}/console/")
     await page.fill("#username", user)
@@ -122,11 +139,7 @@ async def shots(page: Page, lang: str) -> None:
 async def test_a_wristband_fall_rings_the_duty_console_and_one_tap_tells_the_wristband(
     database: str, broker: MosquittoInstance, make_server: Any, tmp_path: Path
 ) -> None:
-    seed_console(database)
-    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05")
-    server.start()
-    await asyncio.to_thread(server.wait_session)
-    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    server = await console_server(database, broker, make_server)
     ARTIFACTS.mkdir(exist_ok=True)
     async with (
         simulation(SCENARIO, broker_login(broker), tmp_path / "sim",
@@ -215,15 +228,10 @@ async def test_the_console_resumes_from_its_position_renews_its_token_and_taps_o
     its last position and shows that alert without a reload; its short token is renewed
     before it runs out; a double tap is one acknowledgement; on scene and resolve with an
     outcome reach the alert."""
-    seed_console(database)
-    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05",
-                                        ELDERSAFE_API_TOKEN_TTL_S="30")  # fmt: skip
-    server.start()
-    await asyncio.to_thread(server.wait_session)
-    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    server = await console_server(database, broker, make_server, ELDERSAFE_API_TOKEN_TTL_S="30")
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = await (await browser.new_context(viewport=PHONE, locale="en-US")).new_page()
+        page = await phone_page(browser)
         auths: list[dict[str, Any]] = []
 
         def on_socket(ws: WebSocket) -> None:
@@ -311,14 +319,10 @@ async def test_a_console_whose_feed_is_refused_4401_renews_or_signs_out_at_once(
     page's token on the feed (close 4401); the page asks for a new token at once instead
     of reconnecting with the refused one, is refused too, and shows the sign-in form with
     why. (Its scheduled renewal is minutes away: only the 4401 path can sign it out.)"""
-    seed_console(database)
-    server: ServerProcess = make_server(database, broker.port, ELDERSAFE_ENGINE_POLL_S="0.05")
-    server.start()
-    await asyncio.to_thread(server.wait_session)
-    await until_true(lambda: api_up(server.api_port), 20, "the staff API")
+    server = await console_server(database, broker, make_server)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = await (await browser.new_context(viewport=PHONE, locale="en-US")).new_page()
+        page = await phone_page(browser)
         renewals: list[int] = []
         page.on("response", lambda r: renewals.append(r.status)
                 if r.url.endswith("/api/auth/refresh") else None)  # fmt: skip
