@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -255,6 +256,7 @@ class Worker:
 
 
 async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: float,
+                ack_after_s: float,
                 tell_final: Callable[[int, int], None]) -> dict[str, Any]:  # fmt: skip
     """Raise the events at ``rate``; meanwhile duty-1's console acknowledges alerts. Once
     the engine took every event in, the last change is told to the other processes and
@@ -262,7 +264,7 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
     import httpx
     from websockets.asyncio.client import connect
 
-    shown: asyncio.Queue[str] = asyncio.Queue()
+    shown: deque[tuple[str, float]] = deque()  # (alert, when it arrived), oldest first
     acked_at: dict[str, float] = {}
     ack_rtt: list[float] = []
     http_rtt: list[float] = []
@@ -303,16 +305,19 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
                     if final and msg["position"] == final[0]:
                         final_seen.set()
                     if msg["action"] == "opened":
-                        shown.put_nowait(msg["alert_id"])
+                        shown.append((msg["alert_id"], time.monotonic()))
                     elif msg["action"] == "acknowledged" and msg["alert_id"] in acked_at:
                         ack_rtt.append((time.perf_counter() - acked_at.pop(msg["alert_id"])) * 1e3)
 
         async def acknowledge() -> None:
             while not done.is_set():
                 await asyncio.sleep(ack_every_s)
-                alert_id = await shown.get()
-                while not shown.empty():  # the newest shown: what a person would tap
-                    alert_id = shown.get_nowait()
+                # the newest alert on the screen for ack_after_s at least: what a person taps
+                alert_id, seen_by = None, time.monotonic() - ack_after_s
+                while shown and shown[0][1] <= seen_by:
+                    alert_id = shown.popleft()[0]
+                if alert_id is None:
+                    continue
                 started = time.perf_counter()
                 acked_at[alert_id] = started
                 answer = await api.post(f"/api/alerts/{alert_id}/acknowledge",  # as the console
@@ -439,6 +444,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="alerts raised per second")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--ack-every", type=float, default=0.2, help="seconds between taps")
+    parser.add_argument("--ack-after", type=float, default=0.0,
+                        help="tap the newest alert shown at least this long ago (s)")
     parser.add_argument("--processes", type=int, default=2, help="console processes")
     parser.add_argument("--commit-cost", action="store_true",
                         help="measure what numbering at commit costs the log's writers")
@@ -501,7 +508,7 @@ def main() -> int:
             load_before = os.getloadavg()
             cpu_before, wall_before = cpu_s(server.proc.pid), time.monotonic()
             drove = asyncio.run(drive(pg.dsn, host, args.rate, args.seconds, args.ack_every,
-                                      tell_final))  # fmt: skip
+                                      args.ack_after, tell_final))  # fmt: skip
             server_cpu = cpu_s(server.proc.pid) - cpu_before
             wall = time.monotonic() - wall_before
             final = drove["final"]

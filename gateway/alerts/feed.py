@@ -27,6 +27,8 @@ from typing import Any
 
 import psycopg
 
+from gateway.alerts.store import Finish
+
 _FROM_START = """
 SELECT commit_seq, alert_id, seq, time, action, alert FROM alert_changes
 WHERE commit_seq IS NOT NULL ORDER BY commit_seq LIMIT %s
@@ -60,11 +62,23 @@ async def changes_after(
     if position is None:
         cur = await conn.execute(_FROM_START, (limit,))
         return [Change(*row) for row in await cur.fetchall()]
+    return await (await request_changes_after(conn, position, limit))()
+
+
+async def request_changes_after(
+    conn: psycopg.AsyncConnection[Any], position: int, limit: int = 500
+) -> Finish[list[Change]]:
+    """``changes_after`` a known position, sent and read later (``store.Finish``): in a
+    pipeline, what is sent next rides the same round trip."""
     cur = await conn.execute(_FROM, (position, limit + 1))
-    rows = await cur.fetchall()
-    if not rows or rows[0][0] != position:
-        raise LookupError(f"no change at position {position}: resume from the start")
-    return [Change(*row) for row in rows[1:]]
+
+    async def finish() -> list[Change]:
+        rows = await cur.fetchall()
+        if not rows or rows[0][0] != position:
+            raise LookupError(f"no change at position {position}: resume from the start")
+        return [Change(*row) for row in rows[1:]]
+
+    return finish
 
 
 async def last_position(conn: psycopg.AsyncConnection[Any]) -> int | None:

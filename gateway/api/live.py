@@ -3,8 +3,8 @@ its WebSocket clients, each filtered to the caller's scope and masked as for the
 
 Why one reader: every server LISTENs on ``alert_changes`` (the trigger of migration 0006
 notifies at each commit that grew the log, whichever server made the change), and one
-task reads the new changes with ``feed.changes_after`` from its own position, builds the
-views in one query per batch and offers them to the clients. Clients never query the
+task reads the new changes from its own position together with their views (one round
+trip, ``changes_with_views``) and offers them to the clients. Clients never query the
 log on a notification, so 200 consoles cost one read, not 200.
 
 Why the seam has no gap and no duplicate: positions are commit-ordered numbers
@@ -58,7 +58,7 @@ from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
 
 from alerting.model import AuditAction, AuditEntry, Channel, DetailValue
-from gateway.alerts.feed import Change, changes_after, last_position
+from gateway.alerts.feed import Change, changes_after, last_position, request_changes_after
 from gateway.alerts.store import PgAlertTransaction
 from gateway.api.principal import Principal
 from gateway.api.views import ALERT_SELECT, view_from_row
@@ -190,7 +190,7 @@ class Subscriber:
         self._ready = asyncio.Event()
 
     @property
-    def view_key(self) -> tuple[frozenset[str], str]:
+    def view_key(self) -> ViewKey:
         """Everything a view depends on besides the alert (scope and masking tier)."""
         return (self.principal.units, self.principal.organisation_kind)
 
@@ -252,31 +252,73 @@ class Subscriber:
 Views = dict[uuid.UUID, orjson.Fragment]  # each alert's view, JSON-encoded once
 
 
-async def views_by_key(
-    conn: psycopg.AsyncConnection[Any],
-    principals: Sequence[Principal],
-    ids: Iterable[uuid.UUID],
-) -> dict[tuple[frozenset[str], str], Views]:
-    """The encoded views of ``ids`` for each distinct (scope, tier) of ``principals``, from one
-    query (``views.ALERT_SELECT`` over the union of their units); an alert outside a key's
-    scope is absent from that key's views."""
-    wanted = sorted(set(ids))
-    by_key: dict[tuple[frozenset[str], str], Principal] = {}
+ViewKey = tuple[frozenset[str], str]  # (scope, masking tier): who sees the same views
+# The alerts of the changes after a position, as ``feed.changes_after`` reads them.
+_CHANGED_AFTER = """ AND a.id IN (SELECT alert_id FROM alert_changes
+    WHERE commit_seq > %(after)s ORDER BY commit_seq LIMIT %(limit)s)"""
+
+
+def _keys(principals: Iterable[Principal]) -> dict[ViewKey, Principal]:
+    by_key: dict[ViewKey, Principal] = {}
     for p in principals:
         by_key.setdefault((p.units, p.organisation_kind), p)
-    if not wanted or not by_key:
-        return {key: {} for key in by_key}
-    units = sorted(set().union(*(key[0] for key in by_key)))
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            ALERT_SELECT + " AND a.id = ANY(%(ids)s)", {"units": units, "ids": wanted}
-        )
-        rows = await cur.fetchall()
+    return by_key
+
+
+def _units(by_key: dict[ViewKey, Principal]) -> list[str]:
+    return sorted(set().union(*(key[0] for key in by_key)))
+
+
+def _encoded(by_key: dict[ViewKey, Principal], rows: list[dict[str, Any]]) -> dict[ViewKey, Views]:
     return {
         key: {r["id"]: orjson.Fragment(view_from_row(p, r).model_dump_json())
               for r in rows if r["unit_id"] in key[0]}
         for key, p in by_key.items()
     }  # fmt: skip
+
+
+async def views_by_key(
+    conn: psycopg.AsyncConnection[Any],
+    principals: Sequence[Principal],
+    ids: Iterable[uuid.UUID],
+) -> dict[ViewKey, Views]:
+    """The encoded views of ``ids`` for each distinct (scope, tier) of ``principals``, from one
+    query (``views.ALERT_SELECT`` over the union of their units); an alert outside a key's
+    scope is absent from that key's views."""
+    wanted = sorted(set(ids))
+    by_key = _keys(principals)
+    if not wanted or not by_key:
+        return {key: {} for key in by_key}
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            ALERT_SELECT + " AND a.id = ANY(%(ids)s)", {"units": _units(by_key), "ids": wanted}
+        )
+        rows = await cur.fetchall()
+    return _encoded(by_key, rows)
+
+
+async def changes_with_views(
+    conn: psycopg.AsyncConnection[Any],
+    principals: Sequence[Principal],
+    position: int,
+    limit: int,
+) -> tuple[list[Change], dict[ViewKey, Views]]:
+    """``changes_after(position)`` and their ``views_by_key``, in ONE round trip: under load
+    every round trip waits a turn of the shared loop, and each turn shows in every
+    console's latency and in an acknowledge's return to its own console.
+
+    The views are read by the second statement, so with a snapshot no older than the
+    changes': numbers become visible in commit order (``gateway.alerts.feed``), so the
+    first ``limit`` changes after ``position`` it sees include every change the first
+    statement returned, and no change is left without its view. (A view newer than its
+    change is what ``views_by_key`` after a read gives too.)"""
+    by_key = _keys(principals)
+    async with conn.pipeline(), conn.cursor(row_factory=dict_row) as cur:
+        changes = await request_changes_after(conn, position, limit)
+        await cur.execute(ALERT_SELECT + _CHANGED_AFTER,
+                          {"units": _units(by_key), "after": position, "limit": limit})
+        rows = await cur.fetchall()  # the sync: both answers
+        return await changes(), _encoded(by_key, rows)
 
 
 FRAME_BYTES = 256 * 1024  # a frame's changes stop here (one change may be longer)
@@ -343,7 +385,6 @@ class LiveFeed:
         self.passes = 0  # reads of the log so far (tests wait on it)
         self._started = False
         self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._subscribers: set[Subscriber] = set()
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
@@ -387,42 +428,42 @@ class LiveFeed:
         ):
             # LISTEN before reading where the log ends, so no commit falls in between.
             await listen.execute("LISTEN alert_changes")
-            waker = asyncio.create_task(self._forward_notifications(listen))
-            try:
-                if not self._started:
-                    self.position = await last_position(conn)
-                    self._started = True
-                self._up.set()
-                while True:
-                    await self._read_all(conn)
-                    self.passes += 1
-                    if waker.done():
-                        waker.result()  # the LISTEN connection broke: reconnect both
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.timings.fallback_poll_s):
-                            await self._wake.wait()
-                    self._wake.clear()
-            finally:
-                waker.cancel()
-                with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
-                    await waker
-
-    async def _forward_notifications(self, listen: psycopg.AsyncConnection[Any]) -> None:
-        async for _ in listen.notifies():
-            self._wake.set()
+            if not self._started:
+                self.position = await last_position(conn)
+                self._started = True
+            self._up.set()
+            while True:
+                await self._read_all(conn)
+                self.passes += 1
+                # Waits on the LISTEN socket itself (a notification that came during the
+                # read is there already): a task forwarding it through an event would
+                # cost every change one more turn of the loop. A broken LISTEN
+                # connection raises here, and both reconnect.
+                async for _ in listen.notifies(timeout=self.timings.fallback_poll_s,
+                                               stop_after=1):  # fmt: skip
+                    pass
 
     async def _read_all(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:
             async with self._lock:
+                subs = [s for s in self._subscribers if s.closing is None]
                 try:
-                    changes = await changes_after(conn, self.position, self.timings.batch)
+                    if self.position is None or not subs:
+                        changes = await changes_after(conn, self.position, self.timings.batch)
+                        views = (await views_by_key(conn, [s.principal for s in subs],
+                                                    (c.alert_id for c in changes))
+                                 if changes and subs else {})  # fmt: skip
+                    else:
+                        changes, views = await changes_with_views(
+                            conn, [s.principal for s in subs], self.position, self.timings.batch
+                        )
                 except LookupError:
                     self._lost_position()
                     self.position = await last_position(conn)
                     return
                 if not changes:
                     return
-                await self._fan_out(conn, changes)
+                self._fan_out(subs, changes, views)
                 self.position = changes[-1].position
             if len(changes) < self.timings.batch:
                 return
@@ -434,12 +475,9 @@ class LiveFeed:
             sub.close(CLOSE_RESET, "the feed lost its place: reload", (message("reset"),))
             FEED_CLOSED.labels("reset").inc()
 
-    async def _fan_out(self, conn: psycopg.AsyncConnection[Any], changes: list[Change]) -> None:
-        subs = [s for s in self._subscribers if s.closing is None]
-        if not subs:
-            return
-        views = await views_by_key(conn, [s.principal for s in subs],
-                                   (c.alert_id for c in changes))  # fmt: skip
+    def _fan_out(
+        self, subs: list[Subscriber], changes: list[Change], views: dict[ViewKey, Views]
+    ) -> None:
         batches = {key: KeyBatch(changes, mine) for key, mine in views.items()}
         offered = 0  # counted once per batch: a counter call per frame shows in profiles
         for sub in subs:

@@ -606,6 +606,35 @@ async def test_a_big_read_is_cut_into_frames_and_nothing_is_lost_between_them(
         await live.stop()
 
 
+async def test_a_read_and_its_views_cover_the_same_stretch_of_the_log(database: str) -> None:
+    """The reader's changes and their views come from two statements in one round trip
+    (``changes_with_views``): the views' statement must pick the very stretch of the log
+    the changes' statement returned (after the position, up to the limit), at the log's
+    start, middle and end, or a change would go out without its alert. A position the
+    log does not hold is refused."""
+    seed_tenants(database)
+    devices = add_devices(database, "site-a", "wb-v", 5)
+    for device in devices:
+        raise_event(database, "site-a", device, "sos")
+        await drain(database, T0)  # one transaction each: each alert's changes side by side
+    with psycopg.connect(database) as conn:
+        log = conn.execute(
+            "SELECT commit_seq, alert_id FROM alert_changes ORDER BY commit_seq"
+        ).fetchall()
+    assert len({alert for _, alert in log}) == 5 and len(log) >= 10
+    async with await psycopg.AsyncConnection.connect(database, autocommit=True) as conn:
+        me = await principal_of(conn, database, "duty-a")
+        for start in range(len(log) - 1):
+            position = log[start][0]
+            changes, views = await live_module.changes_with_views(conn, [me], position, 3)
+            window = log[start + 1 : start + 4]
+            assert [(c.position, c.alert_id) for c in changes] == window
+            mine = views[me.units, me.organisation_kind]
+            assert set(mine) == {alert for _, alert in window}
+        with pytest.raises(LookupError):
+            await live_module.changes_with_views(conn, [me], log[-1][0] + 10, 3)
+
+
 def test_a_frame_is_ascii_json_meaning_the_same_text() -> None:
     """Names in Chinese, an accent, a character outside the BMP (a surrogate pair in JSON)
     and JSON's own escapes: the frame is ASCII and parses to the very same values."""
