@@ -134,56 +134,27 @@ def changes_of(text: str) -> list[dict[str, Any]]:
 
 
 async def console_worker(host: str, who: list[str], out: Path) -> None:
-    """Consoles of ``who``; prints "ready" when all are, reads "final P" from stdin, writes
-    each console's (position, arrival) once it has seen P."""
-    from websockets.asyncio.client import connect
+    """Consoles of ``who`` (``lean_clients.LeanFeed``: stamped on arrival, parsed after the
+    run); prints "ready" when all are, reads "final P" from stdin, writes each console's
+    (position, arrival) once it has seen P."""
+    from lean_clients import lean_feed
 
-    arrivals: dict[str, list[tuple[int, float]]] = {}
-    ready = 0
-    final: int | None = None
-    final_seen = asyncio.Event()
-    seen_final = 0
-
-    async def console(i: int, staff: str) -> None:
-        nonlocal ready, seen_final
-        mine = arrivals.setdefault(f"{staff}#{i}", [])
-        async with connect(f"ws://{host}/api/feed", compression=None, max_size=None,
-                           open_timeout=60, ping_interval=None) as ws:  # fmt: skip
-            await ws.send(json.dumps({"type": "auth", "token": token(staff), "after": None}))
-            first = json.loads(await ws.recv())
-            assert first["type"] == "ready", first
-            ready += 1
-            async for text in ws:
-                now = time.time()
-                assert isinstance(text, str)
-                positions = [c["position"] for c in changes_of(text)]
-                mine += [(pos, now) for pos in positions]
-                if final in positions:
-                    seen_final += 1
-                    if seen_final == len(who):
-                        final_seen.set()
-                    return
-
-    tasks = [asyncio.create_task(console(i, s)) for i, s in enumerate(who)]
-    while ready < len(who):
-        for t in tasks:
-            if t.done():
-                t.result()
-        await asyncio.sleep(0.05)
+    feeds = await asyncio.gather(*(lean_feed(host, token(staff)) for staff in who))
     print("ready", flush=True)
     line = await asyncio.to_thread(sys.stdin.readline)
     final = int(line.split()[1])
-    # a console may have passed the final position before it was known
-    for mine in arrivals.values():
-        if any(p == final for p, _ in mine):
-            seen_final += 1
-    if seen_final >= len(who):
-        final_seen.set()
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(final_seen.wait(), 60)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    arrivals: dict[str, list[tuple[int, float]]] = {f"{s}#{i}": [] for i, s in enumerate(who)}
+    waiting = dict(zip(arrivals, feeds, strict=True))
+    deadline = time.monotonic() + 60
+    while waiting and time.monotonic() < deadline:
+        for name, feed in list(waiting.items()):
+            for at, change in feed.changes():
+                arrivals[name].append((change["position"], at))
+                if change["position"] == final:
+                    del waiting[name]
+        await asyncio.sleep(0.05)
+    for feed in feeds:
+        feed.close()
     await asyncio.to_thread(out.write_text, json.dumps(arrivals))
     print("done", flush=True)
 
@@ -260,20 +231,18 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
                 tell_final: Callable[[int, int], None]) -> dict[str, Any]:  # fmt: skip
     """Raise the events at ``rate``; meanwhile duty-1's console acknowledges alerts. Once
     the engine took every event in, the last change is told to the other processes and
-    this console reads on until it has it too."""
-    import httpx
-    from websockets.asyncio.client import connect
+    this console reads on until it has it too. Times are ``time.time()``: a frame's is
+    its arrival (``lean_clients``), a tap's when its request is written."""
+    from lean_clients import LeanHttp, lean_feed
 
     shown: deque[tuple[str, float]] = deque()  # (alert, when it arrived), oldest first
-    acked_at: dict[str, float] = {}
+    tapped_at: dict[str, float] = {}
     ack_rtt: list[float] = []
     http_rtt: list[float] = []
     health_rtt: list[float] = []
     statuses: list[int] = []
     my_arrivals: list[tuple[int, float]] = []
     done = asyncio.Event()
-    final: list[int] = []
-    final_seen = asyncio.Event()
 
     async def raise_events() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -287,60 +256,50 @@ async def drive(dsn: str, host: str, rate: float, seconds: float, ack_every_s: f
                                                   f"wb-{i}"))  # fmt: skip
         done.set()
 
-    async with (
-        connect(f"ws://{host}/api/feed", compression=None, max_size=None,
-                ping_interval=None) as ws,
-        httpx.AsyncClient(base_url=f"http://{host}", timeout=60,  # slow is measured, not fatal
-                          headers={"Authorization": f"Bearer {token('duty-1')}"}) as api,
-    ):  # fmt: skip
-        await ws.send(json.dumps({"type": "auth", "token": token("duty-1"), "after": None}))
-        assert json.loads(await ws.recv())["type"] == "ready"
+    feed = await lean_feed(host, token("duty-1"))
+    api = LeanHttp(host, {"Authorization": f"Bearer {token('duty-1')}"})
 
-        async def read() -> None:
-            async for text in ws:
-                now = time.time()
-                assert isinstance(text, str)
-                for msg in changes_of(text):
-                    my_arrivals.append((msg["position"], now))
-                    if final and msg["position"] == final[0]:
-                        final_seen.set()
-                    if msg["action"] == "opened":
-                        shown.append((msg["alert_id"], time.monotonic()))
-                    elif msg["action"] == "acknowledged" and msg["alert_id"] in acked_at:
-                        ack_rtt.append((time.perf_counter() - acked_at.pop(msg["alert_id"])) * 1e3)
+    def read() -> None:
+        for at, change in feed.changes():
+            my_arrivals.append((change["position"], at))
+            if change["action"] == "opened":
+                shown.append((change["alert_id"], at))
+            elif change["action"] == "acknowledged" and change["alert_id"] in tapped_at:
+                ack_rtt.append((at - tapped_at.pop(change["alert_id"])) * 1e3)
 
-        async def acknowledge() -> None:
-            while not done.is_set():
-                await asyncio.sleep(ack_every_s)
-                # the newest alert on the screen for ack_after_s at least: what a person taps
-                alert_id, seen_by = None, time.monotonic() - ack_after_s
-                while shown and shown[0][1] <= seen_by:
-                    alert_id = shown.popleft()[0]
-                if alert_id is None:
-                    continue
-                started = time.perf_counter()
-                acked_at[alert_id] = started
-                answer = await api.post(f"/api/alerts/{alert_id}/acknowledge",  # as the console
-                                        headers={"Idempotency-Key": str(uuid.uuid4())})
-                http_rtt.append((time.perf_counter() - started) * 1e3)
-                statuses.append(answer.status_code)
-                started = time.perf_counter()
-                await api.get("/healthz")
-                health_rtt.append((time.perf_counter() - started) * 1e3)
+    async def acknowledge() -> None:
+        while not done.is_set():
+            await asyncio.sleep(ack_every_s)
+            read()  # between taps: what arrived meanwhile is stamped already
+            # the newest alert on the screen for ack_after_s at least: what a person taps
+            alert_id, seen_by = None, time.time() - ack_after_s
+            while shown and shown[0][1] <= seen_by:
+                alert_id = shown.popleft()[0]
+            if alert_id is None:
+                continue
+            started = time.time()
+            tapped_at[alert_id] = started
+            status, _ = await api.request("POST", f"/api/alerts/{alert_id}/acknowledge",
+                                          {"Idempotency-Key": str(uuid.uuid4())})  # fmt: skip
+            http_rtt.append((time.time() - started) * 1e3)
+            statuses.append(status)
+            started = time.time()
+            await api.request("GET", "/healthz")
+            health_rtt.append((time.time() - started) * 1e3)
 
-        reading = asyncio.create_task(read())
+    try:
         await asyncio.gather(raise_events(), acknowledge())
-        final.extend(await asyncio.to_thread(settle, dsn, int(rate * seconds)))
-        if final[0] in {p for p, _ in my_arrivals}:
-            final_seen.set()
-        await asyncio.to_thread(tell_final, final[0], final[1])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(final_seen.wait(), 60)
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reading
+        final = await asyncio.to_thread(settle, dsn, int(rate * seconds))
+        await asyncio.to_thread(tell_final, *final)
+        deadline = time.monotonic() + 60
+        while final[0] not in {p for p, _ in my_arrivals} and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            read()
+    finally:
+        feed.close()
+        await api.close()
     return {"ack_rtt": ack_rtt, "http_rtt": http_rtt, "health_rtt": health_rtt,
-            "statuses": statuses, "arrivals": my_arrivals, "lost_acks": len(acked_at),
+            "statuses": statuses, "arrivals": my_arrivals, "lost_acks": len(tapped_at),
             "final": final[0]}  # fmt: skip
 
 
