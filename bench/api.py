@@ -11,10 +11,14 @@ consoles, 40 of the street, 10 of the bureau: three masking tiers).
   (``pg_xact_commit_timestamp(xmin)``, ``track_commit_timestamp = on`` in the private
   cluster; nothing added to the server's path) to its arrival at each of the 200
   consoles (``time.time()`` on the same host). The consoles run in two processes of
-  their own and parse only the frame's position.
+  their own as lean clients (``lean_clients``): a console's read of its socket is stamped
+  when it happens and parsed after the run, so the hundredth console of a fan-out is
+  not stamped after the other ninety-nine were parsed.
 * **acknowledge round trip**: one of the consoles (duty-1, on shift) taps acknowledge on
-  an alert it was shown, 5 times a second: from sending ``POST .../acknowledge`` to the
-  "acknowledged" change arriving on its own WebSocket; the HTTP answer alone too.
+  an alert it was shown, 5 times a second: from writing ``POST .../acknowledge`` (on a
+  kept-alive HTTP/1.1 connection) to the "acknowledged" change arriving on its own
+  WebSocket; the HTTP answer alone too. It taps the newest alert shown, or with
+  ``--ack-after S`` the newest shown at least S seconds ago, as a person would.
 * **baselines, same run**: a bare LISTEN client in a process of its own receiving the
   same change rows as NOTIFY payloads from a row trigger added for the bench (the floor
   of any push built on PostgreSQL notifications), and ``GET /healthz`` round trips on

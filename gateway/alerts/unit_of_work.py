@@ -57,22 +57,24 @@ from gateway.alerts.store import (
     STEPS_INSERT,
     Finish,
     PgAlertTransaction,
-    columns,
+    recordset,
     request_alert_lock,
 )
 from gateway.db.pipelined import pipelined_transaction
 
 log = logging.getLogger(__name__)
 
-# One statement per kind for a whole unit of work (rows as unnest columns, store.columns).
+# One statement per kind for a whole unit of work (its rows in one parameter,
+# store.recordset).
+_NOTICE_NAMES = ("key", "alert_id", "step_id", "level", "person_id", "role", "channel", "target",
+                 "text", "until_status", "fallback", "not_before", "channel_since")  # fmt: skip
 _NOTICE_ROWS = """
 INSERT INTO notifications (key, alert_id, step_id, level, person_id, role, channel, target, text,
     until_status, fallback, not_before, channel_since)
-SELECT * FROM unnest(%s::text[], %s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[],
-                     %s::text[], %s::text[], %s::text[], %s::text[], %s::jsonb[],
-                     %s::timestamptz[], %s::timestamptz[])
-    AS n (key, alert_id, step_id, level, person_id, role, channel, target, text, until_status,
-          fallback, not_before, channel_since)
+SELECT * FROM jsonb_to_recordset(%s::jsonb)
+    AS n (key text, alert_id uuid, step_id text, level int, person_id text, role text,
+          channel text, target text, text text, until_status text, fallback jsonb,
+          not_before timestamptz, channel_since timestamptz)
 """
 _NOTICES = _NOTICE_ROWS + "ON CONFLICT (key) DO NOTHING"
 # The steps of a unit of work whose fired steps were read under the alerts' locks: each
@@ -89,10 +91,11 @@ SELECT CASE WHEN count(*) = %s THEN 0
             ELSE ('steps already recorded: ' || (%s - count(*)))::int END
 FROM new
 """
+_DOWNLINK_NAMES = ("command_id", "alert_id", "site_id", "device_id", "action", "created_at")
 _DOWNLINKS = """
 INSERT INTO downlink_outbox (command_id, alert_id, site_id, device_id, action, created_at)
-SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[],
-                     %s::timestamptz[])
+SELECT * FROM jsonb_to_recordset(%s::jsonb) AS d (command_id uuid, alert_id uuid, site_id text,
+    device_id text, action text, created_at timestamptz)
 ON CONFLICT (command_id) DO NOTHING
 """
 # Events of one site are applied in order by one worker at a time: a worker takes
@@ -198,17 +201,18 @@ async def persist(
         notices = [
             (n.key, n.alert_id, n.step_id, n.level, n.person_id, n.role.value,
              n.channel.value, n.target, n.text, n.until.value,
-             Jsonb([[c.value, t] for c, t in n.fallback]), n.not_before, n.channel_since)
+             [[c.value, t] for c, t in n.fallback], n.not_before, n.channel_since)
             for n in batch.pending
         ]  # fmt: skip
     if steps_read_locked and effects.steps:
         recorded = [(step.key, step.at) for _, step in effects.steps]
         await tx.conn.execute(
             _STEPS_NOTIFYING,
-            [*tx.step_params(recorded, now), *columns(notices, 13), len(recorded), len(recorded)],
+            [*tx.step_params(recorded, now), recordset(_NOTICE_NAMES, notices), len(recorded),
+             len(recorded)],
         )
     elif notices:
-        await tx.conn.execute(_NOTICES, columns(notices, 13))
+        await tx.conn.execute(_NOTICES, (recordset(_NOTICE_NAMES, notices),))
     out.notices += len(notices)
     if planned:
         await tx.audit([u.audit() for u in batch.unstaffed])
@@ -218,7 +222,7 @@ async def persist(
         if directory.accepts(d)
     ]
     if downlinks:
-        await tx.conn.execute(_DOWNLINKS, columns(downlinks, 6))
+        await tx.conn.execute(_DOWNLINKS, (recordset(_DOWNLINK_NAMES, downlinks),))
         out.downlinks += len(downlinks)
     await tx.set_next_steps_at(effects.next_step_at)  # and wakes the timer workers
 
