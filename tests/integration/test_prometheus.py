@@ -16,7 +16,7 @@ import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,12 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
     acknowledged 42 s and 130 s after they opened and one of those on scene at 300 s:
     Prometheus has exactly those figures, and the ingest and edge counters the
     database agrees with."""
-    import_district(database, District.model_validate(DISTRICT))
+    # This server runs on the system clock: duty-1 is on shift now (DISTRICT's shifts are
+    # set around the engine tests' fixed T0, and nobody is on duty a day after it).
+    now = datetime.now(UTC)
+    on_shift = {"staff": "duty-1", "starts_at": (now - timedelta(hours=1)).isoformat(),
+                "ends_at": (now + timedelta(hours=12)).isoformat()}  # fmt: skip
+    import_district(database, District.model_validate({**DISTRICT, "shifts": [on_shift]}))
     rows(database, "INSERT INTO devices (site_id, id, profile, address) VALUES"
                    " ('site-a', 'btn-1', 'es-cb1', '00a00001') RETURNING id")  # fmt: skip
     server_metrics, edge_metrics = free_port(), free_port()
@@ -205,6 +210,18 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
             await until(
                 lambda: scalar(database, count) == 3, 30, f"three alerts; {server.log_tail()}"
             )
+            def delivered() -> int:
+                return int(
+                    scalar(
+                        database,
+                        "SELECT count(*) FROM notifications WHERE delivered_at IS NOT NULL",
+                    )
+                )
+
+            # The duty officer's console notices go out before anyone acknowledges: an
+            # acknowledgement closes the alert's pending notices, and a delivery count
+            # of 0 in Prometheus and in the database would prove nothing.
+            await until(lambda: delivered() > 0, 20, "a notice delivered to the console")
             alerts = rows(
                 database,
                 "SELECT id, escalation_anchor FROM alerts ORDER BY site_id DESC, device_id",
@@ -223,14 +240,6 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
                     " + (SELECT count(*) FROM command_results WHERE site_id = 'site-a')",
                 )
                 return events, from_edge
-
-            def delivered() -> int:
-                return int(
-                    scalar(
-                        database,
-                        "SELECT count(*) FROM notifications WHERE delivered_at IS NOT NULL",
-                    )
-                )
 
             ack = "eldersafe_alert_time_to_acknowledge_seconds"
             scene = "eldersafe_alert_time_to_on_scene_seconds"
@@ -284,7 +293,6 @@ async def test_prometheus_finds_ingest_alert_and_acknowledge_series(
                 ) from None
             # Per-process ingest series sit beside the district's: messages in, batch times.
             events, _ = stored()
-            assert delivered() > 0  # the duty officer's console
             assert events == 3  # the edge's press and the two published
             messages_in = prometheus.value('eldersafe_ingest_messages_total{job="server"}')
             assert messages_in is not None and messages_in >= events
@@ -306,7 +314,12 @@ async def test_district_collector_counts_a_change_committed_late_exactly_once(
     that followed insert positions would pass it and never count it. In commit order the
     later opening counts at once and the acknowledgement, numbered at its commit, after
     it, once — and a second server's collector has the same figures."""
-    import_district(database, District.model_validate(DISTRICT))
+    # This server runs on the system clock: duty-1 is on shift now (DISTRICT's shifts are
+    # set around the engine tests' fixed T0, and nobody is on duty a day after it).
+    now = datetime.now(UTC)
+    on_shift = {"staff": "duty-1", "starts_at": (now - timedelta(hours=1)).isoformat(),
+                "ends_at": (now + timedelta(hours=12)).isoformat()}  # fmt: skip
+    import_district(database, District.model_validate({**DISTRICT, "shifts": [on_shift]}))
     ingest(database, "site-a", "wb-1", "sos")
     assert await drain(database, T0) == 1
     (alert_id,) = rows(database, "SELECT id FROM alerts")[0]
@@ -368,7 +381,12 @@ async def test_district_collector_leaves_alert_series_out_until_it_has_read_the_
     """A restarted server reads the log from its start, page by page within a budget per
     scrape: a counter climbing through that would look like a burst of alerts, so the
     series are absent until the whole count is known."""
-    import_district(database, District.model_validate(DISTRICT))
+    # This server runs on the system clock: duty-1 is on shift now (DISTRICT's shifts are
+    # set around the engine tests' fixed T0, and nobody is on duty a day after it).
+    now = datetime.now(UTC)
+    on_shift = {"staff": "duty-1", "starts_at": (now - timedelta(hours=1)).isoformat(),
+                "ends_at": (now + timedelta(hours=12)).isoformat()}  # fmt: skip
+    import_district(database, District.model_validate({**DISTRICT, "shifts": [on_shift]}))
     ingest(database, "site-a", "wb-1", "sos")
     ingest(database, "site-b", "btn-1", "sos")
     assert await drain(database, T0) == 2
