@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,23 +44,31 @@ def pg_cluster() -> Iterator[PostgresInstance]:
     pg.init()
     pg.start()
     migrate(pg.dsn)
+    _seal_template(pg)
     yield pg
     pg.stop("immediate")
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def _seal_template(pg: PostgresInstance) -> None:
+    """CREATE DATABASE ... TEMPLATE refuses a template anyone is connected to, and the
+    migration's session may still be closing: the template takes no connections from
+    now on, and PostgreSQL itself waits until the last one has ended (the timeout of
+    pg_terminate_backend), so no copy of it ever has to be retried."""
+    admin = pg.dsn.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{TEMPLATE}" WITH ALLOW_CONNECTIONS false')
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity WHERE datname = %s",
+            (TEMPLATE,),
+        )
+
+
 def create_database(pg: PostgresInstance) -> str:
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = pg.dsn.rsplit("/", 1)[0] + "/postgres"
-    for attempt in range(50):
-        try:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-            break
-        except psycopg.errors.ObjectInUse:  # a connection to the template is just closing
-            if attempt == 49:
-                raise
-            time.sleep(0.1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
     return pg.dsn.rsplit("/", 1)[0] + "/" + name
 
 

@@ -65,8 +65,15 @@ class VirtualTime:
         await future
 
     async def _settle(self) -> None:
-        for _ in range(50):  # every ready task runs until it waits on a timer again
-            await asyncio.sleep(0)
+        """Until every other task waits on something (a timer here): the loop has no
+        callback ready once this one's turn comes back."""
+        loop = asyncio.get_running_loop()
+        while True:
+            turn = loop.create_future()
+            loop.call_soon(turn.set_result, None)
+            await turn
+            if not loop._ready:  # type: ignore[attr-defined]
+                return
 
     async def run_until(self, done: Callable[[], bool], limit_s: float) -> None:
         """Fire timers in order until ``done()`` (or fail at virtual ``limit_s``)."""

@@ -8,12 +8,23 @@ import gc
 from gateway.heap import freeze_when
 
 
+class WatchedEvent(asyncio.Event):
+    """An event that says when someone has started waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_on = asyncio.Event()
+
+    async def wait(self) -> bool:  # type: ignore[override]
+        self.waited_on.set()
+        return await super().wait()
+
+
 def test_freeze_waits_for_start_up_then_keeps_the_heap_out_of_collections() -> None:
     async def scenario() -> tuple[int, int]:
-        ready = asyncio.Event()
+        ready = WatchedEvent()
         task = asyncio.create_task(freeze_when(ready))
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await ready.waited_on.wait()  # the task is parked on start-up's end
         before = gc.get_freeze_count()
         ready.set()
         await task
