@@ -48,7 +48,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +62,6 @@ from gateway.local.ports import free_port  # noqa: E402
 
 SECRET = "bench-api-token-secret-0123456789abcdef"
 SITES = 10
-CHANGES_PREFIX = '{"type":"changes",'  # gateway.api.live.changes_payload's start
 INGEST_EVENT = """
 WITH fresh AS (
     INSERT INTO event_ledger (event_id, time) VALUES (%s, %s)
@@ -124,14 +122,6 @@ def district(devices: int) -> District:
 
 def token(staff: str) -> str:
     return issue_token(SECRET, staff, 0, timedelta(hours=2))[0]
-
-
-def changes_of(text: str) -> list[dict[str, Any]]:
-    """The changes of a ``changes`` frame ([] for any other frame)."""
-    if not text.startswith(CHANGES_PREFIX):
-        return []
-    changes: list[dict[str, Any]] = orjson.loads(text)["changes"]
-    return changes
 
 
 # -- worker processes ---------------------------------------------------------------------

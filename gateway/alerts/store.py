@@ -165,7 +165,7 @@ def _values(a: Alert) -> tuple[Any, ...]:
     return (
         a.id, a.site_id, a.device_id, a.type.value, a.severity.value, a.status.value,
         a.dedup_key, a.opened_at, a.last_seen_at, a.escalation_anchor, a.count, a.level,
-        a.epoch, Jsonb(sorted(a.sources)), a.first_event_id, a.last_event_id,
+        a.epoch, sorted(a.sources), a.first_event_id, a.last_event_id,
         a.acknowledged_at, a.acknowledged_by, a.on_scene_at, a.on_scene_by,
         a.condition_cleared_at, a.outcome.value if a.outcome else None, a.resolved_at,
         a.resolved_by,
